@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from watchdog_updater.errors import ConfigError, Error, ExitCode, PermissionRefused
+from watchdog_updater.journal import Outcome
 
 __all__ = ["main"]
 
@@ -58,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument("--no-gate", action="store_true", help="skip the health gate (needs --yes)")
     update.add_argument("--restart-slots", action="store_true", help="also restart slot units")
     update.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    update.add_argument(
+        "--probation",
+        action="store_true",
+        help="after a commit, stay and watch the probation window (the daemon does this itself)",
+    )
 
     sub.add_parser("status", parents=[common], help="installed, previous, available, holds")
     history = sub.add_parser("history", parents=[common], help="finished transactions")
@@ -238,6 +244,8 @@ def _cmd_update(args: argparse.Namespace, out: Output) -> int:
                 restart_slots=args.restart_slots,
                 progress=_progress(out),
             )
+            if args.probation and result.outcome is Outcome.COMMITTED:
+                result = updater.watch_probation() or result
     document = {
         "action": result.action,
         "outcome": result.outcome.value if result.outcome else None,

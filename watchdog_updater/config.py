@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from watchdog_updater.extract import ExtractLimits
-
 from watchdog_updater.errors import ConfigError
+from watchdog_updater.extract import ExtractLimits
 from watchdog_updater.fetch import FetchSettings
 from watchdog_updater.health.policy import GatePolicy, ProbationPolicy
 from watchdog_updater.layout import LayoutStyle
@@ -130,7 +129,7 @@ class HealthConfig:
     """``[update.health]``: the gate after a swap, and probation after commit."""
 
     gate: GatePolicy = field(default_factory=GatePolicy)
-    probation: ProbationPolicy = field(default_factory=ProbationPolicy)
+    probation: ProbationPolicy | None = field(default_factory=ProbationPolicy)  # None: disabled
     units: tuple[str, ...] = ("hal0-api.service",)
     http: tuple[HttpProbeConfig, ...] = field(default_factory=_default_http_probes)
     command: tuple[CommandProbeConfig, ...] = ()
@@ -224,19 +223,29 @@ class _Problems:
         self.items: list[str] = []
 
     def line_of(self, dotted: str) -> int | None:
-        """Best-effort line number of a dotted key (tomllib keeps no positions)."""
-        *tables, key = dotted.split(".")
-        header = "[" + ".".join(tables) + "]" if tables else None
-        in_table = header is None
+        """Best-effort line number of a dotted key (tomllib keeps no positions).
+
+        ``update.health.http[1].url`` is looked up in the second ``[[update.health.http]]``
+        block; a key that is itself a table is found at its ``[header]``.
+        """
+        path = re.sub(r"\[(\d+)\]", r".#\1", dotted)
+        *tables, key = path.split(".")
+        table_name = ".".join(t for t in tables if not t.startswith("#"))
+        index = next((int(t[1:]) for t in tables if t.startswith("#")), None)
+        header_re = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?")
         key_re = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=")
+        own_header = ".".join(filter(None, [table_name, key]))
+        current, seen = "", -1
         for number, line in enumerate(self.lines, start=1):
-            stripped = line.strip()
-            if stripped.startswith("["):
-                in_table = header is not None and stripped.replace(" ", "").startswith(header)
-                if in_table and dotted.endswith(stripped.strip("[]")):
+            header = header_re.match(line)
+            if header:
+                current = header[1].replace(" ", "")
+                if current == own_header and not key.startswith("#"):
                     return number
+                if current == table_name and line.lstrip().startswith("[["):
+                    seen += 1
                 continue
-            if in_table and key_re.match(line):
+            if current == table_name and (index is None or index == seen) and key_re.match(line):
                 return number
         return None
 
@@ -364,7 +373,7 @@ def _regex(value: Any) -> str:
     text = _nonempty_str(value)
     try:
         re.compile(text)
-    except re.error as e:
+    except (re.error, OverflowError, RecursionError) as e:
         raise ValueError(f"invalid regular expression: {e}") from e
     return text
 
@@ -512,13 +521,19 @@ def _health(t: _Table) -> HealthConfig:
     )
     pt = t.table("probation")
     p = ProbationPolicy()
-    probation = pt.build(
-        ProbationPolicy,
-        p,
-        duration_s=pt.get("duration", parse_duration, p.duration_s),
-        interval_s=pt.get("interval", _positive_duration, p.interval_s),
-        consecutive_failures=pt.get("consecutive_failures", _int(1), p.consecutive_failures),
-    )
+    duration = pt.get("duration", parse_duration, p.duration_s)
+    probation: ProbationPolicy | None = None
+    if duration > 0:  # 0 disables probation
+        probation = pt.build(
+            ProbationPolicy,
+            p,
+            duration_s=duration,
+            interval_s=pt.get("interval", _positive_duration, p.interval_s),
+            consecutive_failures=pt.get("consecutive_failures", _int(1), p.consecutive_failures),
+            probe_timeout_s=gate.probe_timeout_s,
+        )
+    else:
+        pt.seen.update({"interval", "consecutive_failures"})
     pt.finish()
     http: list[HttpProbeConfig] = []
     for probe in t.array_of_tables("http"):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
 if TYPE_CHECKING:
     from watchdog_updater.config import Config
     from watchdog_updater.health.probes import Probe

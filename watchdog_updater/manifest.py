@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
@@ -114,15 +115,25 @@ def _timestamp(doc: Mapping[str, Any], key: str) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as e:
-        raise _fail(key, f"not an RFC 3339 timestamp: {value!r}") from e
-    if parsed.tzinfo is None:
-        raise _fail(key, f"timestamp lacks a UTC offset: {value!r}")
-    return parsed.astimezone(UTC)
+        if parsed.tzinfo is None:
+            raise _fail(key, f"timestamp lacks a UTC offset: {value!r}")
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError) as e:
+        raise _fail(key, f"not a usable RFC 3339 timestamp: {value!r}") from e
 
 
 def _https_or_loopback(key: str, url: str) -> str:
-    if not re.match(r"^(https://|http://(127\.\d+\.\d+\.\d+|localhost|\[::1\])[:/])", url):
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError as e:
+        raise _fail(key, f"not a URL: {url!r}") from e
+    if parts.username is not None or parts.password is not None:
+        raise _fail(key, f"URL must not carry credentials: {url!r}")
+    loopback = (
+        host == "localhost" or host == "::1" or re.fullmatch(r"127(\.\d{1,3}){3}", host, re.ASCII)
+    )
+    if not host or not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
         raise _fail(key, f"URL must be https (or http on loopback): {url!r}")
     return url
 
@@ -134,7 +145,7 @@ def parse_manifest(verified: bytes, *, channel: str | None) -> Manifest:
     """
     try:
         doc = json.loads(verified)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int limits
         raise ManifestError(f"manifest is not valid JSON: {e}") from e
     if not isinstance(doc, dict):
         raise ManifestError("manifest is not a JSON object")

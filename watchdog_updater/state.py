@@ -7,6 +7,7 @@ Each is one small JSON file in the state dir, rewritten atomically.
 - holds.json: a pause (optionally expiring), skipped versions, and the freeze set when a rollback's
   own gate failed ("manual attention needed").
 - channels/<channel>.json: the newest manifest accepted per channel (freeze/replay defence).
+- probation.json: the committed version under watch after its gate, until when.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from watchdog_updater.storage import atomic_write_json, read_json
 
-__all__ = ["ChannelMemory", "Holds", "QuarantineEntry", "StateStore"]
+__all__ = ["ChannelMemory", "Holds", "Probation", "QuarantineEntry", "StateStore"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,18 @@ class ChannelMemory:
     manifest_sha256: str
     signed_at: float  # the transparency log's integrated time of the manifest's signature
     accepted_at: float
+
+
+@dataclass(frozen=True)
+class Probation:
+    """A committed version still under watch: a sustained failure before ``until`` rolls back."""
+
+    version: str
+    from_version: str | None
+    previous_before: str | None
+    digest_sha256: str | None
+    channel: str | None
+    until: float
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,7 @@ class StateStore:
     def __post_init__(self) -> None:
         self._quarantine_path = self.state_dir / "quarantine.json"
         self._holds_path = self.state_dir / "holds.json"
+        self._probation_path = self.state_dir / "probation.json"
 
     # quarantine -----------------------------------------------------------------------------
     def quarantine(self) -> dict[str, QuarantineEntry]:
@@ -110,6 +124,17 @@ class StateStore:
 
     def save_holds(self, holds: Holds) -> None:
         atomic_write_json(self._holds_path, holds.to_json())
+
+    # probation ------------------------------------------------------------------------------
+    def probation(self) -> Probation | None:
+        doc = read_json(self._probation_path)
+        return None if doc is None else Probation(**doc)
+
+    def save_probation(self, probation: Probation) -> None:
+        atomic_write_json(self._probation_path, asdict(probation))
+
+    def clear_probation(self) -> None:
+        self._probation_path.unlink(missing_ok=True)
 
     # channel memory -------------------------------------------------------------------------
     def _channel_path(self, channel: str) -> Path:

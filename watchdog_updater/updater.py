@@ -13,6 +13,7 @@ that make a crash or power cut at any instant safe:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from watchdog_updater.journal import (
     Step,
     Transaction,
 )
-from watchdog_updater.state import Holds, QuarantineEntry, StateStore
+from watchdog_updater.state import Holds, Probation, QuarantineEntry, StateStore
 from watchdog_updater.versions import Version, VersionError, parse_version
 
 if TYPE_CHECKING:
@@ -285,6 +286,18 @@ class Updater:
     def _commit(self, tx: Transaction, decision: GateDecision | None) -> Result:
         tx = self.journal.advance(tx, Step.COMMIT)
         self._collect_garbage(protect={tx.to_version})
+        probation = self.config.health.probation
+        if tx.kind == "update" and decision is not None and probation is not None:
+            self.store.save_probation(
+                Probation(
+                    version=tx.to_version,
+                    from_version=tx.from_version,
+                    previous_before=tx.previous_before,
+                    digest_sha256=tx.digest_sha256,
+                    channel=tx.channel,
+                    until=self.clock() + probation.duration_s,
+                )
+            )
         reason = (
             f"{tx.to_version} passed its health gate"
             if decision is not None
@@ -306,11 +319,16 @@ class Updater:
 
     # --------------------------------------------------------------------------- rollback
     def _rollback_after_failure(
-        self, tx: Transaction, decision: GateDecision, *, quarantine: bool = True
+        self,
+        tx: Transaction,
+        decision: GateDecision,
+        *,
+        quarantine: bool = True,
+        phase: str = "its health gate",
     ) -> Result:
         """The new version failed its gate: quarantine it, swap back, gate the old version."""
         failed = tx.to_version
-        reason = f"{failed} failed its health gate: {decision.reason}"
+        reason = f"{failed} failed {phase}: {decision.reason}"
         if quarantine and tx.kind == "update":
             self.store.add_quarantine(
                 QuarantineEntry(
@@ -427,6 +445,45 @@ class Updater:
             previous_before=self.previous_version(),
         )
         return self._activate(tx)
+
+    # --------------------------------------------------------------------------- probation
+    def watch_probation(self, *, should_stop: Callable[[], bool] | None = None) -> Result | None:
+        """Watch the committed version until its probation ends; roll back on sustained failure.
+
+        Returns None when there is nothing to watch, when probation passed, or when ``should_stop``
+        interrupted it (the window stays recorded and is resumed later). Call with the lock held.
+        """
+        from watchdog_updater.health.runner import run_probation
+
+        probation = self.store.probation()
+        if probation is None:
+            return None
+        remaining = probation.until - self.clock()
+        configured = self.config.health.probation
+        if configured is None or remaining <= 0 or self.installed_version() != probation.version:
+            self.store.clear_probation()
+            return None
+        policy = dataclasses.replace(configured, duration_s=min(remaining, configured.duration_s))
+        decision = run_probation(
+            self._build_probes(), policy, on_result=self._probe_event, should_stop=should_stop
+        )
+        if decision.verdict is Verdict.PENDING:
+            return None
+        self.store.clear_probation()
+        if decision.verdict is Verdict.HEALTHY:
+            self.report(Event("info", f"{probation.version} passed probation"))
+            return None
+        tx = self.journal.begin(
+            kind="update",
+            from_version=probation.from_version,
+            to_version=probation.version,
+            channel=probation.channel,
+            trigger="probation",
+            step=Step.GATE,
+            digest_sha256=probation.digest_sha256,
+            previous_before=probation.previous_before,
+        )
+        return self._rollback_after_failure(tx, decision, phase="probation")
 
     # --------------------------------------------------------------------------- recovery
     def recover(self) -> Result | None:

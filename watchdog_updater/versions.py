@@ -25,7 +25,8 @@ __all__ = ["ReleaseKind", "Version", "VersionError", "parse_version"]
 _PATTERN = re.compile(
     r"(?P<major>0|[1-9]\d*)\.(?P<minor>0|[1-9]\d*)\.(?P<patch>0|[1-9]\d*)"
     r"(?:-(?:(?P<stage>alpha|beta|rc)\.(?P<n>0|[1-9]\d*)"
-    r"|nightly\.(?P<stamp>\d{14}|\d{8})))?"
+    r"|nightly\.(?P<stamp>\d{14}|\d{8})))?",
+    re.ASCII,  # \d must not match other scripts' digits
 )
 _STAGE_RANK = {"alpha": 1, "beta": 2, "rc": 3}
 _FINAL_RANK = 4
