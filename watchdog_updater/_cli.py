@@ -94,6 +94,17 @@ def _parser() -> argparse.ArgumentParser:
     csub = config.add_subparsers(dest="action", required=True)
     csub.add_parser("show", parents=[common])
     csub.add_parser("validate", parents=[common])
+
+    # --- daemon subcommand (watchdog_updater/daemon.py) ---
+    daemon = sub.add_parser(
+        "daemon", parents=[common], help="run the update scheduler (a systemd Type=notify service)"
+    )
+    daemon.add_argument(
+        "--once",
+        action="store_true",
+        help="one scheduled cycle (recover, then update or check) and exit: for a timer unit",
+    )
+    # --- end daemon subcommand ---
     return parser
 
 
@@ -537,6 +548,53 @@ def _cmd_config(args: argparse.Namespace, out: Output) -> int:
     return int(ExitCode.OK)
 
 
+# --- daemon command (watchdog_updater/daemon.py) ---
+def _cmd_daemon(args: argparse.Namespace, out: Output) -> int:
+    """Run the scheduler. The systemd variables are read here (the only place that reads the
+    environment) and then removed, so that the daemon's job processes never pose as its main
+    process towards systemd (sd_notify's unset_environment)."""
+    import functools
+    import logging
+    import signal
+    import threading
+
+    from watchdog_updater.daemon import Daemon, parse_watchdog_usec, sd_notify
+    from watchdog_updater.schedule import local_zone
+
+    app = _load(args)
+    _require_write(app)
+    notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
+    watchdog_usec = parse_watchdog_usec(
+        os.environ.pop("WATCHDOG_USEC", None), os.environ.pop("WATCHDOG_PID", None), os.getpid()
+    )
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(message)s",
+            stream=sys.stderr,
+        )
+    daemon = Daemon(
+        app,
+        notify=functools.partial(sd_notify, socket_path=notify_socket),
+        watchdog_usec=watchdog_usec,
+        tz=local_zone(),
+    )
+    if args.once:
+        return daemon.run_once()
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+        daemon.wakeup()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return daemon.run(stop)
+
+
+# --- end daemon command ---
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int]] = {
     "update": _cmd_update,
     "status": _cmd_status,
@@ -549,6 +607,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int]] = {
     "gate": _cmd_gate,
     "recover": _cmd_recover,
     "config": _cmd_config,
+    "daemon": _cmd_daemon,
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from watchdog_updater.errors import ConfigError
 from watchdog_updater.extract import ExtractLimits
-from watchdog_updater.fetch import FetchSettings
+from watchdog_updater.fetch_settings import FetchSettings
 from watchdog_updater.health.policy import GatePolicy, ProbationPolicy
 from watchdog_updater.layout import LayoutStyle
 

@@ -88,7 +88,7 @@ class Result:
             Outcome.ROLLED_BACK: ExitCode.ROLLED_BACK,
             Outcome.ROLLBACK_UNHEALTHY: ExitCode.ROLLBACK_UNHEALTHY,
             Outcome.FAILED: ExitCode.FAILED,
-            Outcome.ABORTED: ExitCode.FAILED,
+            Outcome.ABORTED: ExitCode.OK,  # only recovery produces it: the clean-up succeeded
             Outcome.INTERRUPTED: ExitCode.OK,
         }[self.outcome]
 
@@ -595,6 +595,7 @@ class Updater:
 
     def _cleanup_staging(self) -> None:
         extract.clean_staging(self.layout)
+        links.clean_temp_links(self.layout)
 
     def _collect_garbage(self, *, protect: set[str]) -> None:
         protected = set(protect)

@@ -18,20 +18,35 @@ from watchdog_updater.health.policy import (
     start,
     start_probation,
 )
-from watchdog_updater.health.probes import (
-    DEFAULT_SLOT_PATTERN,
-    HAL0_API_HEALTH_URL,
-    CommandProbe,
-    HttpProbe,
-    Probe,
-    ServiceManagerLike,
-    SlotProbe,
-    UnitProbe,
-    UnitStatusLike,
-    discover_slots,
-    run_probe,
-)
-from watchdog_updater.health.runner import DEFAULT_ABANDON_SLACK_S, run_gate, run_probation
+
+# Probes and runners import the HTTP stack: load them on first use (PEP 562), so that reading the
+# configuration (which needs only the policies) stays fast.
+_LAZY = {
+    "DEFAULT_SLOT_PATTERN": "probes",
+    "HAL0_API_HEALTH_URL": "probes",
+    "CommandProbe": "probes",
+    "HttpProbe": "probes",
+    "Probe": "probes",
+    "ServiceManagerLike": "probes",
+    "SlotProbe": "probes",
+    "UnitProbe": "probes",
+    "UnitStatusLike": "probes",
+    "discover_slots": "probes",
+    "run_probe": "probes",
+    "DEFAULT_ABANDON_SLACK_S": "runner",
+    "run_gate": "runner",
+    "run_probation": "runner",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "DEFAULT_ABANDON_SLACK_S",
