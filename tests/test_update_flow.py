@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import subprocess
+import tarfile
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import reconfigure
 from tests.kit.channel import ReleaseChannel, simple_release_tarball
@@ -239,7 +237,7 @@ def test_concurrent_invocations_exactly_one_proceeds(
 def test_pause_skip_and_explain(host: Host, channel: ReleaseChannel) -> None:
     channel.publish(channel.release("1.1.0"))
     assert host.cli("pause", "--until", "2h", "--reason", "family movie night").returncode == 0
-    code, doc = host.cli_json("explain")
+    _code, doc = host.cli_json("explain")
     assert any("paused" in r and "family movie night" in r for r in doc["reasons"])
     proc = host.cli("update")
     assert proc.returncode == 0 and "paused" in proc.stdout
@@ -278,7 +276,7 @@ def test_retention_keeps_current_previous_and_newest(
     for version in ("1.1.0", "1.2.0", "1.3.0"):
         channel.publish(channel.release(version))
         assert host.cli("update").returncode == 0
-    code, doc = host.cli_json("status")
+    _code, doc = host.cli_json("status")
     assert doc["installed"] == "1.3.0" and doc["previous"] == "1.2.0"
     assert sorted(doc["retained"]) == ["1.2.0", "1.3.0"]
     assert not (host.layout.cache_dir / "1.0.0").exists()
