@@ -119,8 +119,12 @@ class Output:
 
         self.json_mode = json_mode
         self.verbose = verbose
-        self.console = Console(highlight=False, no_color=bool(os.environ.get("NO_COLOR")))
-        self.err = Console(stderr=True, highlight=False, no_color=bool(os.environ.get("NO_COLOR")))
+        no_color = bool(os.environ.get("NO_COLOR"))
+        # emoji=False: "slot:a:" must not become an emoji; soft_wrap: never break lines for a pipe.
+        self.console = Console(highlight=False, emoji=False, no_color=no_color, soft_wrap=True)
+        self.err = Console(
+            stderr=True, highlight=False, emoji=False, no_color=no_color, soft_wrap=True
+        )
 
     def emit(self, document: Any, human: Callable[[], None]) -> None:
         if self.json_mode:
@@ -573,6 +577,9 @@ def _cmd_daemon(args: argparse.Namespace, out: Output) -> int:
             format="%(message)s",
             stream=sys.stderr,
         )
+    # Every request of every probe is not news; the probes report their own results.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     daemon = Daemon(
         app,
         notify=functools.partial(sd_notify, socket_path=notify_socket),
