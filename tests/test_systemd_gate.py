@@ -39,6 +39,31 @@ def api_version(app: Appliance) -> str | None:
         return None
 
 
+def wait_for_gate(intent: Path, timeout: float = 60) -> None:
+    """Until the intent record says the gate step has begun."""
+    deadline = time.monotonic() + timeout
+    while not (intent.exists() and '"step": "gate"' in intent.read_text()):
+        assert time.monotonic() < deadline, "the update never reached its gate"
+        time.sleep(0.02)
+
+
+def kill_update_in_gate(hal0: Appliance) -> Path:
+    """Start `update`, SIGKILL it (and its process group) once its gate runs; the intent path."""
+    proc = subprocess.Popen(
+        hal0.cli_argv("update"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    intent = hal0.host.layout.state_dir / "transaction.json"
+    try:
+        wait_for_gate(intent)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=10)
+    return intent
+
+
 def test_good_update_commits(hal0: Appliance) -> None:
     hal0.publish("1.1.0", "healthy")
     before = hal0.unit("hal0-slot@a.service")["InvocationID"]
@@ -120,13 +145,9 @@ def test_flaky_probe_does_not_roll_back(hal0: Appliance) -> None:
     intent = hal0.host.layout.state_dir / "transaction.json"
 
     def warm_up_after_gate_opens() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if intent.exists() and '"step": "gate"' in intent.read_text():
-                time.sleep(1.5)
-                ready.touch()
-                return
-            time.sleep(0.02)
+        wait_for_gate(intent)
+        time.sleep(1.5)
+        ready.touch()
 
     watcher = threading.Thread(target=warm_up_after_gate_opens, daemon=True)
     watcher.start()
@@ -200,23 +221,7 @@ def test_slot_requests_see_zero_failures_during_update(hal0: Appliance) -> None:
 def test_sigkill_during_gate_recovers(hal0: Appliance) -> None:
     hal0.configure(health={"consecutive": 8, "interval": 0.5})
     hal0.publish("1.1.0", "healthy")
-    proc = subprocess.Popen(
-        hal0.cli_argv("update"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    intent = hal0.host.layout.state_dir / "transaction.json"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            assert time.monotonic() < deadline, "the update never reached its gate"
-            if intent.exists() and '"step": "gate"' in intent.read_text():
-                break
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=10)
+    intent = kill_update_in_gate(hal0)
     assert intent.exists()
     code, doc = hal0.cli_json("recover")
     assert code == 0, doc
@@ -229,21 +234,7 @@ def test_sigkill_during_gate_recovers(hal0: Appliance) -> None:
 def test_sigkill_during_gate_with_rollback_policy(hal0: Appliance) -> None:
     hal0.configure(health={"consecutive": 8, "interval": 0.5, "on_interrupted_gate": "rollback"})
     hal0.publish("1.1.0", "healthy")
-    proc = subprocess.Popen(
-        hal0.cli_argv("update"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    intent = hal0.host.layout.state_dir / "transaction.json"
-    deadline = time.monotonic() + 60
-    try:
-        while not (intent.exists() and '"step": "gate"' in intent.read_text()):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=10)
+    kill_update_in_gate(hal0)
     code, doc = hal0.cli_json("recover")
     assert code == 4, doc
     assert hal0.host.current() == "1.0.0" and api_version(hal0) == "1.0.0"

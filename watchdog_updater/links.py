@@ -29,6 +29,7 @@ from typing import Final
 from watchdog_updater.errors import InstallError
 from watchdog_updater.extract import remove_tree
 from watchdog_updater.layout import TRASH_PREFIX, VERSION_DIR_PREFIX, Layout
+from watchdog_updater.storage import fsync_dir
 
 __all__ = [
     "TEMP_LINK_PREFIX",
@@ -44,15 +45,6 @@ __all__ = [
 TEMP_LINK_PREFIX: Final = ".hal0-link-"
 _AT_FDCWD: Final = -100
 _RENAME_EXCHANGE: Final = 2
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` (a rename, a new name) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_link_version(layout: Layout, link: Path) -> str | None:

@@ -18,7 +18,7 @@ __all__ = ["append_json_line", "atomic_write_bytes", "atomic_write_json", "fsync
 
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
