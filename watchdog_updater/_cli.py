@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument("--version", dest="want", metavar="VERSION", help="require this version")
     update.add_argument("--yes", action="store_true", help="confirm dangerous options")
     update.add_argument(
-        "--force", action="store_true", help="ignore window, pause, cooldown, skip and quarantine"
+        "--force",
+        action="store_true",
+        help="ignore pause, freeze, cooldown, skip and quarantine (never signatures)",
     )
     update.add_argument("--no-gate", action="store_true", help="skip the health gate (needs --yes)")
     update.add_argument("--restart-slots", action="store_true", help="also restart slot units")
