@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     csub = config.add_subparsers(dest="action", required=True)
     csub.add_parser("show", parents=[common])
     csub.add_parser("validate", parents=[common])
+    csub.add_parser(
+        "edit", parents=[common], help="edit in $VISUAL/$EDITOR, validate, replace atomically"
+    )
 
     # --- daemon subcommand (watchdog_updater/daemon.py) ---
     daemon = sub.add_parser(
@@ -543,7 +546,30 @@ def _cmd_recover(args: argparse.Namespace, out: Output) -> int:
     return int(result.exit_code)
 
 
+def _cmd_config_edit(args: argparse.Namespace, out: Output) -> int:
+    from watchdog_updater.config_edit import edit_config, editor_command
+
+    path = args.config or (args.root / "etc/hal0/hal0.toml")
+    if os.geteuid() != 0 and not os.access(path.parent, os.W_OK):
+        raise PermissionRefused(f"editing {path} needs root", hint="run it with sudo")
+
+    def ask(prompt: str) -> str:
+        try:
+            return input(prompt)
+        except EOFError:  # nobody to answer: keep the original
+            return "a"
+
+    editor = editor_command(os.environ.get("VISUAL"), os.environ.get("EDITOR"))
+    outcome = edit_config(
+        path, editor=editor, ask=ask, report=lambda m: out.err.print(m, markup=False)
+    )
+    out.emit({"outcome": outcome, "path": str(path)}, lambda: out.line(f"{outcome}: {path}"))
+    return int(ExitCode.OK if outcome in ("saved", "unchanged") else ExitCode.USAGE)
+
+
 def _cmd_config(args: argparse.Namespace, out: Output) -> int:
+    if args.action == "edit":  # before loading: an invalid file must still be editable
+        return _cmd_config_edit(args, out)
     app = _load(args)
     if args.action == "validate":
         source = app.config.source or "defaults (no configuration file)"
