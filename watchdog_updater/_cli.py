@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from watchdog_updater.errors import ConfigError, Error, ExitCode, PermissionRefused
 from watchdog_updater.journal import Outcome
@@ -147,11 +148,66 @@ class Output:
     def event(self, event: Any) -> None:
         if self.json_mode:
             return
+        if event.kind == "probe" and self.err.is_terminal:
+            self._gate_view.update(event.data)
+            return
+        self._gate_view.stop()
         style = {"step": "bold", "probe": "dim", "outcome": "bold", "info": ""}.get(event.kind, "")
         prefix = {"step": "==>", "probe": "   ", "outcome": "==>", "info": "   "}.get(
             event.kind, ""
         )
         self.err.print(f"{prefix} {event.message}", style=style, markup=False)
+
+    @functools.cached_property
+    def _gate_view(self) -> GateView:
+        return GateView(self.err)
+
+
+class GateView:
+    """A live table of the gate's probes on a terminal: each probe's last result and counts."""
+
+    _STYLE: ClassVar[dict[str, str]] = {"pass": "green", "fail": "yellow", "fatal": "bold red"}
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.rows: dict[str, tuple[str, str, int, int]] = {}
+        self.live: Any = None
+
+    def update(self, data: dict[str, Any]) -> None:
+        from rich.live import Live
+
+        probe, outcome = str(data["probe"]), str(data["outcome"])
+        _, _, passes, failures = self.rows.get(probe, ("", "", 0, 0))
+        passed = outcome == "pass"
+        self.rows[probe] = (outcome, str(data["detail"]), passes + passed, failures + (not passed))
+        if self.live is None:
+            self.live = Live(self._table(), console=self.console, auto_refresh=False)
+            self.live.start()
+        self.live.update(self._table(), refresh=True)
+
+    def _table(self) -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title="health gate", title_justify="left", expand=False)
+        for column in ("probe", "last", "passes", "failures", "evidence"):
+            table.add_column(column, overflow="ellipsis", no_wrap=column != "evidence")
+        for probe, (outcome, detail, passes, failures) in self.rows.items():
+            table.add_row(
+                probe,
+                Text(outcome, style=self._STYLE.get(outcome, "")),
+                str(passes),
+                str(failures),
+                Text(detail[:160]),
+            )
+        return table
+
+    def stop(self) -> None:
+        """End the live view (the table stays on screen); the next gate starts a fresh one."""
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+            self.rows = {}
 
 
 def _fmt_time(ts: float | None) -> str:
