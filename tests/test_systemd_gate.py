@@ -257,3 +257,22 @@ def test_probation_catches_a_late_regression(hal0: Appliance) -> None:
     assert code == 4, doc
     assert "probation" in doc["message"]
     assert hal0.host.current() == "1.0.0"
+
+
+def test_gate_command_judges_what_runs_now(hal0: Appliance) -> None:
+    hal0.configure(health={"deadline": 4})
+    code, doc = hal0.cli_json("gate")
+    assert code == 0, doc
+    assert doc["verdict"] == "healthy"
+    set_slot_behavior(hal0.host.root, "a", "never_loaded")
+    code, doc = hal0.cli_json("gate")
+    assert code == 1, doc
+    assert doc["verdict"] == "unhealthy" and doc["failed_probe"] == "slot:a"
+
+
+def test_restart_slots_flag_restarts_slots(hal0: Appliance) -> None:
+    hal0.publish("1.1.0", "healthy")
+    before = hal0.unit("hal0-slot@a.service")["InvocationID"]
+    code, doc = hal0.cli_json("update", "--restart-slots")
+    assert code == 0, doc
+    assert hal0.unit("hal0-slot@a.service")["InvocationID"] != before
