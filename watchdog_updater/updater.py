@@ -42,10 +42,12 @@ from watchdog_updater.state import Holds, Probation, QuarantineEntry, StateStore
 from watchdog_updater.versions import Version, VersionError, parse_version
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from watchdog_updater.config import Config
     from watchdog_updater.health.probes import Probe
     from watchdog_updater.layout import Layout
-    from watchdog_updater.releases import Offer, ReleaseSource
+    from watchdog_updater.releases import Offer, ReleaseSource, VerifiedManifest
     from watchdog_updater.services import ServiceManager
 
 __all__ = ["Event", "Reporter", "Result", "Updater", "ignore_events", "version_order_key"]
@@ -159,16 +161,17 @@ class Updater:
 
     def check(self, channel: str | None = None, *, force: bool = False) -> Offer:
         """Fetch and verify the channel's manifest and say whether it should be installed."""
+        return self._offer(channel or self.config.channel, force=force)[1]
+
+    def _offer(self, channel: str, *, force: bool) -> tuple[VerifiedManifest, Offer]:
         from watchdog_updater.releases import evaluate_offer
 
-        channel = channel or self.config.channel
         now = self.clock()
         verified = self.source.fetch_manifest(channel, now=now)
         self.source.remember(channel, verified, now=now)
-        installed = self.installed_version()
-        return evaluate_offer(
+        offer = evaluate_offer(
             verified.manifest,
-            installed=_parse_or_none(installed),
+            installed=_parse_or_none(self.installed_version()),
             channel=channel,
             quarantine=self.store.quarantine(),
             holds=self.store.holds(),
@@ -177,6 +180,7 @@ class Updater:
             now=now,
             force=force,
         )
+        return verified, offer
 
     # --------------------------------------------------------------------------- update
     def update(
@@ -190,24 +194,9 @@ class Updater:
         progress: Callable[[int, int | None], None] | None = None,
     ) -> Result:
         """Check, then install the offered release with a gate and automatic rollback."""
-        from watchdog_updater.releases import evaluate_offer
-
         channel = channel or self.config.channel
-        now = self.clock()
-        verified = self.source.fetch_manifest(channel, now=now)
-        self.source.remember(channel, verified, now=now)
+        verified, offer = self._offer(channel, force=force)
         installed = self.installed_version()
-        offer = evaluate_offer(
-            verified.manifest,
-            installed=_parse_or_none(installed),
-            channel=channel,
-            quarantine=self.store.quarantine(),
-            holds=self.store.holds(),
-            min_release_age_s=self.config.min_release_age_s,
-            allow_downgrade=self.config.allow_downgrade,
-            now=now,
-            force=force,
-        )
         if not offer.available:
             return Result("noop", None, offer.reason, installed, installed)
         manifest = verified.manifest
@@ -234,7 +223,7 @@ class Updater:
             raise
         return self._activate(tx, restart_slots=restart_slots)
 
-    def _stage(self, tx: Transaction, tarball: Any) -> Transaction:
+    def _stage(self, tx: Transaction, tarball: Path) -> Transaction:
         target = tx.to_version
         version_dir = self.layout.version_dir(target)
         if version_dir.is_dir() and not version_dir.is_symlink():
