@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sigstore.errors import VerificationError as SigstoreVerificationError
 
 from tests.kit.sigstore_kit import GITHUB_ISSUER, PrivateSigstore, sha256_hex
+from watchdog_updater import _cli
 from watchdog_updater.errors import ConfigError, ExitCode, VerificationError
 from watchdog_updater.trust import (
     BundleVerifier,
@@ -303,6 +304,37 @@ def test_trusted_root_valid_only_in_future_is_config_error(
     path.write_text(json.dumps(root))
     with pytest.raises(ConfigError, match="Fulcio certificates not found"):
         load_trusted_root(str(path))
+
+
+def test_deferred_root_is_loaded_at_first_verification(
+    kit: PrivateSigstore, tmp_path: Path
+) -> None:
+    path = tmp_path / "trusted_root.json"
+    verifier = BundleVerifier.for_spec(str(path))  # nothing read yet: the file may come later
+    kit.write_trusted_root(path)
+    signature = verifier.verify_bytes(
+        MANIFEST, kit.sign(MANIFEST, identity=IDENTITY), STABLE, what=WHAT
+    )
+    assert signature.identity == IDENTITY
+
+
+def test_deferred_root_that_cannot_load_is_a_config_error_not_a_bad_bundle(
+    kit: PrivateSigstore, tmp_path: Path
+) -> None:
+    path = tmp_path / "nowhere.json"
+    verifier = BundleVerifier.for_spec(str(path))
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        verifier.verify_bytes(MANIFEST, kit.sign(MANIFEST, identity=IDENTITY), STABLE, what=WHAT)
+
+
+def test_config_validate_loads_the_trusted_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "hal0.toml"
+    config.write_text(f"[update.verify]\ntrusted_root = '{tmp_path / 'nowhere.json'}'\n")
+    argv = ["--root", str(tmp_path), "--config", str(config), "config", "validate", "--json"]
+    assert _cli.main(argv) == ExitCode.USAGE
+    assert "nowhere.json" in json.loads(capsys.readouterr().out)["error"]
 
 
 # Signer policies -----------------------------------------------------------------------------

@@ -628,6 +628,11 @@ def _cmd_config(args: argparse.Namespace, out: Output) -> int:
         return _cmd_config_edit(args, out)
     app = _load(args)
     if args.action == "validate":
+        from watchdog_updater.trust import load_trusted_root
+
+        # Other commands load the trusted root only when they first verify; a check of the
+        # configuration must not wait for that night to say the root is unusable.
+        load_trusted_root(app.config.verify.trusted_root)
         source = app.config.source or "defaults (no configuration file)"
         out.emit({"valid": True, "source": str(source)}, lambda: out.line(f"valid: {source}"))
         return int(ExitCode.OK)

@@ -56,11 +56,11 @@ class App:
 
     def source(self) -> ReleaseSource:
         from watchdog_updater.fetch import Fetcher
-        from watchdog_updater.trust import BundleVerifier, load_trusted_root
+        from watchdog_updater.trust import BundleVerifier
 
         download = self.config.download
         fetcher = Fetcher(download.fetch, ca_file=download.ca_file)
-        verifier = BundleVerifier(trusted_root=load_trusted_root(self.config.verify.trusted_root))
+        verifier = BundleVerifier.for_spec(self.config.verify.trusted_root)
         return ReleaseSource(
             self.config,
             fetcher=fetcher,

@@ -25,8 +25,11 @@ from typing import TYPE_CHECKING
 from watchdog_updater.errors import ConfigError, VerificationError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from cryptography.x509 import Certificate
     from sigstore.models import Bundle, TrustedRoot
+    from sigstore.verify import Verifier
 
 __all__ = [
     "PUBLIC_GOOD",
@@ -189,13 +192,32 @@ class SignerPolicy:
 class BundleVerifier:
     """Verifies Sigstore bundles against one trusted root, offline."""
 
-    def __init__(self, *, trusted_root: TrustedRoot) -> None:
-        from sigstore.verify import Verifier
+    def __init__(self, *, trusted_root: TrustedRoot | Callable[[], TrustedRoot]) -> None:
+        """``trusted_root`` is a loaded root, or a function that loads it on first use.
 
-        try:
-            self._verifier = Verifier(trusted_root=trusted_root)
-        except Exception as e:
-            raise ConfigError(f"unusable trusted root: {_evidence(e)}") from e
+        The lazy form keeps sigstore (~0.5 s of imports) out of every command that never gets
+        as far as a verification: a check that fails to connect, a dry run that finds nothing.
+        """
+        self._root = trusted_root
+        self._verifier: Verifier | None = None
+        if not callable(trusted_root):
+            self._sigstore_verifier()
+
+    @classmethod
+    def for_spec(cls, spec: str) -> BundleVerifier:
+        """A verifier for the root named like ``[update.verify] trusted_root``, loaded on first use."""
+        return cls(trusted_root=lambda: load_trusted_root(spec))
+
+    def _sigstore_verifier(self) -> Verifier:
+        if self._verifier is None:
+            from sigstore.verify import Verifier
+
+            root = self._root() if callable(self._root) else self._root
+            try:
+                self._verifier = Verifier(trusted_root=root)
+            except Exception as e:
+                raise ConfigError(f"unusable trusted root: {_evidence(e)}") from e
+        return self._verifier
 
     def verify_bytes(
         self, data: bytes, bundle_json: bytes, policy: SignerPolicy, *, what: str
@@ -224,11 +246,12 @@ class BundleVerifier:
                 f"{what}: malformed bundle: {len(bundle_json)} bytes is no Sigstore bundle",
                 hint=_HINT_MALFORMED,
             )
+        verifier = self._sigstore_verifier()  # a bad root is a ConfigError, not a bad bundle
         recorder = _RecordingPolicy(policy)
         try:
             bundle = Bundle.from_json(bundle_json)
             hashed = Hashed(algorithm=HashAlgorithm.SHA2_256, digest=digest)
-            self._verifier.verify_artifact(hashed, bundle, recorder)
+            verifier.verify_artifact(hashed, bundle, recorder)
             log_index, integrated_time = _signed_log_time(bundle)
         except _Refused as e:  # our own check: message and hint say it all
             raise VerificationError(f"{what}: {e.check}", hint=e.hint) from None
