@@ -244,6 +244,25 @@ def test_idle_daemon_without_watchdog_sleeps(offline_host: Host) -> None:
     assert not [m for _, m in notify.messages if m.startswith("WATCHDOG")]
 
 
+def test_a_failed_check_is_counted_as_a_job_error_and_a_check_error(offline_host: Host) -> None:
+    port = free_port()
+    configure_offline(offline_host, metrics={"listen": f"127.0.0.1:{port}"})
+    plant_plan(offline_host.layout.state_dir, due_in_s=6 * 3600, checked_ago_s=None)
+    daemon, notify = in_process(offline_host, watchdog_usec=None)
+    with Running(daemon, notify):
+        wait_until(
+            "the first check to fail",
+            lambda: "last: check failed" in notify.status(),
+            30,
+            notify.status,
+        )
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+    assert 'hal0_updater_job_errors_total{job="check"} 1.0' in metrics
+    assert 'hal0_updater_job_errors_total{job="recover"} 0.0' in metrics  # recovery was fine
+    assert 'hal0_updater_checks_total{result="error"} 1.0' in metrics
+
+
 def test_a_hung_job_stops_the_pings(
     offline_host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -702,6 +705,8 @@ def test_build_registry_serves_both_sources_without_reading_state_at_registratio
     assert m("hal0_updater_state", state="idle") == 1
     for result in ("available", "up-to-date", "held", "error"):
         assert m("hal0_updater_checks_total", result=result) == 0
+    for job in ("recover", "check", "update", "probation"):
+        assert m("hal0_updater_job_errors_total", job=job) == 0
 
     clock[0] = NOW + 5
     daemon.heartbeat()
@@ -710,6 +715,9 @@ def test_build_registry_serves_both_sources_without_reading_state_at_registratio
     daemon.record_check("available")
     daemon.record_check("error")
     daemon.record_check("error")
+    daemon.record_job_error("update")
+    with pytest.raises(ValueError, match="unknown job"):
+        daemon.record_job_error("nightly")
     daemon.set_next_run(NOW + 3600)
     daemon.set_auto_updates(True)
     m = scrape(registry)
@@ -717,6 +725,7 @@ def test_build_registry_serves_both_sources_without_reading_state_at_registratio
     assert m("hal0_updater_bytes_downloaded_total") == 1536
     assert m("hal0_updater_checks_total", result="available") == 1
     assert m("hal0_updater_checks_total", result="error") == 2
+    assert m("hal0_updater_job_errors_total", job="update") == 1
     assert m("hal0_updater_next_run_timestamp_seconds") == NOW + 3600
     assert m("hal0_updater_auto_updates_enabled") == 1
     daemon.set_next_run(None)
@@ -777,11 +786,19 @@ def test_textfile_is_written_atomically_without_daemon_metrics(
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert 'hal0_updater_installed_version_info{version="1.1.0"} 1.0' in text
     assert 'hal0_updater_rollbacks_total{reason="manual",trigger="manual"} 1.0' in text
-    for daemon_only in ("daemon_start", "daemon_heartbeat", "bytes_downloaded", "checks_total"):
+    daemon_only_names = ("daemon_start", "daemon_heartbeat", "bytes_downloaded", "checks_total")
+    for daemon_only in (*daemon_only_names, "job_errors_total"):
         assert f"hal0_updater_{daemon_only}" not in text
     # The same as a scrape, minus the daemon's families.
     scraped = scrape(registry)
-    daemon_names = ("daemon_", "bytes_downloaded", "checks", "next_run", "auto_updates")
+    daemon_names = (
+        "daemon_",
+        "bytes_downloaded",
+        "checks",
+        "job_errors",
+        "next_run",
+        "auto_updates",
+    )
     expected = {
         k: v
         for k, v in scraped.samples.items()
@@ -809,6 +826,44 @@ def test_serve_answers_on_loopback_and_stops(layout: Layout) -> None:
     server.stop()  # idempotent
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(server.url, timeout=2)
+
+
+def _thread_switches(name: str) -> int:
+    """Context switches so far of this process's Python thread called ``name``."""
+    (thread,) = [t for t in threading.enumerate() if t.name == name]
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
+
+
+def test_idle_metrics_server_never_wakes_and_stops_at_once(layout: Layout) -> None:
+    registry, _ = build_registry(layout, "stable")
+    server = serve(registry, "127.0.0.1:0")
+    try:
+        with urllib.request.urlopen(server.url, timeout=5) as response:
+            assert response.status == 200
+        time.sleep(0.2)  # the request's thread is gone, the server is back in poll(2)
+        before = _thread_switches("metrics-http")
+        time.sleep(1.2)  # prometheus_client's own server would have woken twice here
+        assert _thread_switches("metrics-http") == before
+    finally:
+        server.stop()
+    assert not any(t.name == "metrics-http" for t in threading.enumerate())
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this kernel")
+def test_serve_on_ipv6_loopback(layout: Layout) -> None:
+    registry, _ = build_registry(layout, "stable")
+    try:
+        server = serve(registry, "[::1]:0")
+    except ConfigError as e:  # IPv6 compiled in but ::1 not configured in this namespace
+        pytest.skip(str(e))
+    try:
+        with urllib.request.urlopen(server.url, timeout=5) as response:
+            assert response.status == 200
+        assert server.url.startswith("http://[::1]:")
+    finally:
+        server()
 
 
 def test_serve_reports_a_busy_port_as_a_config_error(layout: Layout) -> None:

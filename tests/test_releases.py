@@ -166,6 +166,23 @@ def test_downgrade_not_offered(host: Host, channel: ReleaseChannel) -> None:
     assert "older than the installed" in offer.reason
 
 
+def test_allowed_downgrade_keeps_high_water_mark_but_counts_as_a_check(
+    host: Host, channel: ReleaseChannel, server: ReleaseServer, trusted_root: Path, test_ca: TestCA
+) -> None:
+    reconfigure(host, server, trusted_root, test_ca, allow_downgrade=True)
+    channel.publish(channel.release("1.2.0"))
+    check(host)
+    store = app_for(host).store
+    before = store.channel_memory("stable")
+    assert before is not None
+    channel.publish(channel.release("1.1.0"))  # freshly signed: the channel stepped back
+    check(host)
+    after = store.channel_memory("stable")
+    assert after is not None
+    assert (after.version, after.signed_at) == ("1.2.0", before.signed_at)  # replay guard kept
+    assert after.accepted_at > before.accepted_at  # and the check is on record
+
+
 def test_revoked_release_not_offered(host: Host, channel: ReleaseChannel) -> None:
     channel.publish(channel.release("1.1.0", revoked=True, revoked_reason="data loss"))
     offer = check(host)

@@ -361,6 +361,7 @@ class _Metrics(Protocol):
     def heartbeat(self) -> None: ...
     def add_downloaded(self, nbytes: int) -> None: ...
     def record_check(self, result: str) -> None: ...
+    def record_job_error(self, kind: str) -> None: ...
     def set_next_run(self, timestamp: float | None) -> None: ...
     def set_auto_updates(self, enabled: bool) -> None: ...
 
@@ -375,6 +376,9 @@ class _NoMetrics:
         return None
 
     def record_check(self, result: str) -> None:
+        return None
+
+    def record_job_error(self, kind: str) -> None:
         return None
 
     def set_next_run(self, timestamp: float | None) -> None:
@@ -856,6 +860,8 @@ class Daemon:
             hint = summary.get("hint")
             level = logging.INFO if stopping else logging.ERROR
             log.log(level, "%s failed: %s%s", kind, message, f" (hint: {hint})" if hint else "")
+            if not stopping:  # a job cut short by our own stop is no error of the job
+                self.metrics.record_job_error(kind)
             self._last = f"{kind} failed: {message}"
             return
         log.info("%s: %s", kind, message)

@@ -17,19 +17,23 @@ imports ``prometheus_client``; import it lazily so ``update --check`` stays fast
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
+import socket
 import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 from prometheus_client import write_to_textfile as _write_to_textfile
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -44,12 +48,10 @@ from watchdog_updater.journal import Outcome, Step
 from watchdog_updater.layout import Layout
 from watchdog_updater.state import StateStore
 
-if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
 __all__ = [
     "CHECK_RESULTS",
     "GATE_DURATION_BUCKETS_S",
+    "JOB_KINDS",
     "PREFIX",
     "ROLLBACK_REASONS",
     "STATES",
@@ -103,6 +105,9 @@ _ROLLBACK_SET = frozenset(ROLLBACK_REASONS)
 # ``hal0_updater_checks_total{result}``, set by the daemon after each channel check.
 CHECK_RESULTS: tuple[str, ...] = ("available", "up-to-date", "held", "error")
 
+# The daemon's kinds of job (each runs in its own child process).
+JOB_KINDS: tuple[str, ...] = ("recover", "check", "update", "probation")
+
 # Outcomes that mean an attempted update went wrong (Hal0UpdaterFailingRepeatedly counts them).
 _ROLLED_BACK = frozenset({Outcome.ROLLED_BACK, Outcome.ROLLBACK_UNHEALTHY})
 # Outcomes of updates that went through swap and gate: their duration is an update's duration.
@@ -116,6 +121,7 @@ _DAEMON_FAMILIES = frozenset(
         "daemon_heartbeat_timestamp_seconds",
         "bytes_downloaded",
         "checks",
+        "job_errors",
         "next_run_timestamp_seconds",
         "auto_updates_enabled",
     )
@@ -614,6 +620,12 @@ class DaemonMetrics:
             ["result"],
             registry=registry,
         )
+        self.job_errors = Counter(
+            PREFIX + "job_errors",
+            "Jobs of this daemon process that ended in an error (not a busy lock), by job.",
+            ["job"],
+            registry=registry,
+        )
         self.next_run_timestamp = Gauge(
             PREFIX + "next_run_timestamp_seconds",
             "When the next scheduled update run starts (0: none scheduled).",
@@ -626,6 +638,8 @@ class DaemonMetrics:
         )
         for result in CHECK_RESULTS:
             self.checks.labels(result=result)
+        for kind in JOB_KINDS:  # zeros from the start: rate() and increase() need them
+            self.job_errors.labels(job=kind)
         self.start_timestamp.set(clock())
 
     def heartbeat(self) -> None:
@@ -642,6 +656,12 @@ class DaemonMetrics:
         if result not in CHECK_RESULTS:
             raise ValueError(f"unknown check result {result!r} (expected one of {CHECK_RESULTS})")
         self.checks.labels(result=result).inc()
+
+    def record_job_error(self, kind: str) -> None:
+        """Count a job that ended in an error; ``kind`` is one of :data:`JOB_KINDS`."""
+        if kind not in JOB_KINDS:
+            raise ValueError(f"unknown job {kind!r} (expected one of {JOB_KINDS})")
+        self.job_errors.labels(job=kind).inc()
 
     def set_next_run(self, timestamp: float | None) -> None:
         self.next_run_timestamp.set(0.0 if timestamp is None else timestamp)
@@ -681,14 +701,41 @@ def write_textfile(path: Path | str, registry: Collector) -> None:
     _write_to_textfile(os.fspath(path), _WithoutDaemonFamilies(registry))
 
 
-class MetricsServer:
-    """A running metrics HTTP server; call it (or :meth:`stop`) to stop it."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not news: no line on stderr per request."""
 
-    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
-        self._server = server
-        self._thread = thread
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck scraper never holds the daemon's exit
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """A running metrics HTTP server; call it (or :meth:`stop`) to stop it.
+
+    The serving thread blocks in poll(2) with no timeout, so an idle daemon has no periodic
+    wake-ups (prometheus_client's own server polls twice a second). :meth:`stop` wakes it by
+    shutting the listening socket down.
+    """
+
+    def __init__(self, registry: Collector, host: str, port: int) -> None:
+        server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
+        self._server = make_server(
+            host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": None},
+            name="metrics-http",
+            daemon=True,
+        )
+        self._thread.start()
         self._stopped = False
-        address = server.server_address
+        address = self._server.server_address
         self.host: str = str(address[0])
         self.port: int = int(address[1])
 
@@ -701,9 +748,17 @@ class MetricsServer:
         if self._stopped:
             return
         self._stopped = True
-        self._server.shutdown()
+        # shutdown() asks the loop to end and waits for it; the loop only looks once poll(2)
+        # returns, which a shut-down listening socket makes it do at once.
+        stopper = threading.Thread(target=self._server.shutdown, daemon=True)
+        stopper.start()
+        deadline = time.monotonic() + timeout_s
+        while stopper.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                self._server.socket.shutdown(socket.SHUT_RDWR)
+            stopper.join(0.05)
         self._server.server_close()
-        self._thread.join(timeout_s)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def __call__(self) -> None:
         self.stop()
@@ -725,10 +780,9 @@ def serve(registry: Collector, listen: str) -> MetricsServer:
     """Serve ``registry`` on ``listen`` ("host:port"; port 0 picks a free one) in a thread."""
     host, port = parse_listen(listen)
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        return MetricsServer(registry, host, port)
     except OSError as e:
         raise ConfigError(
             f"cannot serve metrics on {listen}: {e.strerror or e}",
             hint="pick another [update.metrics] listen address, or stop what holds the port",
         ) from e
-    return MetricsServer(server, thread)

@@ -16,6 +16,7 @@ The pure decisions (:func:`check_freshness`, :func:`evaluate_offer`) take everyt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import posixpath
@@ -270,7 +271,10 @@ class ReleaseSource:
         """Record the manifest as the newest accepted on ``channel`` (after all checks passed)."""
         memory = self.store.channel_memory(channel)
         if memory is not None and parse_version(memory.version) > verified.manifest.version:
-            return  # an explicit downgrade never lowers the remembered high-water mark
+            # An explicit downgrade never lowers the remembered high-water mark, but the check
+            # did succeed: last_check_timestamp_seconds must move, or alerts call it dead.
+            self.store.remember_channel(channel, dataclasses.replace(memory, accepted_at=now))
+            return
         self.store.remember_channel(
             channel,
             ChannelMemory(
