@@ -263,7 +263,7 @@ def main() -> int:
     cold = bench_cold_start(args.runs)
     full = bench_full_check(args.runs)
     if args.json:
-        print(json.dumps({"idle": idle, "cold": cold, "full": full}, indent=2, default=str))
+        print(json.dumps({"idle": idle, "cold": cold, "full": full}, default=str))
         return 0
 
     def verdict(ok: bool) -> str:

@@ -1,12 +1,16 @@
-"""Download throughput: ``Fetcher.download`` (stream + SHA-256 + fsync) vs ``curl -s URL | sha256sum``.
+"""Download + hash + verify: ``Fetcher.download`` then the tarball's Sigstore bundle, vs
+``curl -s URL | sha256sum``.
 
-    python -m bench.bench_download [--mib 512] [--runs 3] [--dest-dir DIR] [--tls]
+    python -m bench.bench_download [--mib 512] [--runs 3] [--dest-dir DIR] [--tls] [--json]
 
 A release server (tests/kit/release_server.py) runs in its own process and serves the payload from
-memory on loopback. Each Fetcher run happens in a fresh child process, which reports the time of the
-``download()`` call and its own peak RSS (``resource.getrusage``). Prints the median of ``--runs``
-for both sides and their ratio. ``--dest-dir`` picks where the file is written (default: a
-temporary directory on the disk that holds this checkout; ``/dev/shm`` takes the disk out).
+memory on loopback, with a bundle for it signed by the test kit's private Sigstore. Each updater
+run happens in a fresh child process, which times ``download()`` (stream + SHA-256 + fsync) and the
+bundle's verification by digest (sigstore's imports included: they load at the first
+verification, as in an update), and reports its own peak RSS (``resource.getrusage``). Prints the
+median of ``--runs`` for both sides and their ratio. ``--dest-dir`` picks where the file is written
+(default: a temporary directory on the disk that holds this checkout; ``/dev/shm`` takes the disk
+out).
 """
 
 from __future__ import annotations
@@ -28,18 +32,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _serve(mib: int, tls: bool) -> None:
-    """Child: serve MiB of random data at /payload.bin; print URL, digest (and CA file); wait."""
+    """Child: serve MiB of random data at /payload.bin, signed; print what a client needs; wait."""
+    from tests.kit.channel import ISSUER, identity_for
     from tests.kit.release_server import ReleaseServer
+    from tests.kit.sigstore_kit import PrivateSigstore
     from tests.kit.tls import TestCA
 
     data = os.urandom(mib * 1024 * 1024)
     ca = TestCA() if tls else None
-    with ReleaseServer(tls=ca) as server:
+    sigstore = PrivateSigstore()
+    identity = identity_for("9.9.9")
+    with ReleaseServer(tls=ca) as server, tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "payload.bin.bundle"
+        bundle.write_bytes(sigstore.sign(data, identity=identity, issuer=ISSUER))
         url = server.publish("/payload.bin", data)
         info = {
             "url": url,
             "sha256": hashlib.sha256(data).hexdigest(),
             "ca_file": str(ca.ca_file) if ca else None,
+            "bundle": str(bundle),
+            "trusted_root": str(sigstore.write_trusted_root(Path(tmp) / "trusted_root.json")),
+            "identity": identity,
+            "issuer": ISSUER,
         }
         print(json.dumps(info), flush=True)
         sys.stdin.read()  # until the parent closes our stdin
@@ -47,18 +61,31 @@ def _serve(mib: int, tls: bool) -> None:
         ca.close()
 
 
-def _client(url: str, dest: str, size: int, ca_file: str | None) -> None:
-    """Child: one Fetcher.download; print elapsed seconds, digest and peak RSS as JSON."""
+def _client(dest: str, size: int, info: dict[str, str]) -> None:
+    """Child: one Fetcher.download and one bundle verification; print times, digest, peak RSS."""
     from watchdog_updater.fetch import Fetcher, FetchSettings
+    from watchdog_updater.trust import BundleVerifier, SignerPolicy
 
+    ca_file = info["ca_file"]
+    verifier = BundleVerifier.for_spec(info["trusted_root"])  # loads at the first verification
+    policy = SignerPolicy.exact(info["identity"], info["issuer"])
+    bundle = Path(info["bundle"]).read_bytes()
     with Fetcher(FetchSettings(), ca_file=Path(ca_file) if ca_file else None) as fetcher:
         start = time.perf_counter()
         result = fetcher.download(
-            url, Path(dest), max_bytes=size, expected_size=size, what="benchmark payload"
+            info["url"], Path(dest), max_bytes=size, expected_size=size, what="benchmark payload"
         )
-        elapsed = time.perf_counter() - start
+        downloaded = time.perf_counter()
+        verifier.verify_digest(result.sha256_hex, bundle, policy, what="payload.bin.bundle")
+        verified = time.perf_counter()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"elapsed": elapsed, "sha256": result.sha256_hex, "peak_rss_kib": peak_kib}))
+    report = {
+        "download": downloaded - start,
+        "elapsed": verified - start,
+        "sha256": result.sha256_hex,
+        "peak_rss_kib": peak_kib,
+    }
+    print(json.dumps(report))
 
 
 # Baselines: the one in the brief, one with a SHA-NI-capable hasher (coreutils sha256sum may be
@@ -83,15 +110,13 @@ def _run_shell(template: str, url: str, ca_file: str | None) -> tuple[float, str
     return time.perf_counter() - start, words[0] if words else None
 
 
-def _run_fetcher(
-    url: str, dest: Path, size: int, ca_file: str | None
-) -> tuple[float, float, str, int]:
+def _run_fetcher(dest: Path, size: int, info: dict[str, str]) -> tuple[float, float, str, int]:
     dest.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "bench.bench_download", "--client", url, str(dest), str(size)]
-    if ca_file:
-        argv.append(ca_file)
+    argv = [sys.executable, "-m", "bench.bench_download", "--client", str(dest), str(size)]
     start = time.perf_counter()
-    out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    out = subprocess.run(
+        argv, check=True, capture_output=True, text=True, cwd=ROOT, input=json.dumps(info)
+    ).stdout
     wall = time.perf_counter() - start
     report = json.loads(out)
     return report["elapsed"], wall, report["sha256"], report["peak_rss_kib"]
@@ -104,14 +129,15 @@ def main() -> int:
     parser.add_argument("--dest-dir", type=Path, default=None)
     parser.add_argument("--tls", action="store_true", help="serve HTTPS with a test CA")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--client", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--client", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args()
     if args.serve:
         _serve(args.mib, args.tls)
         return 0
     if args.client:
-        url, dest, size, *ca = args.client
-        _client(url, dest, int(size), ca[0] if ca else None)
+        dest, size = args.client
+        _client(dest, int(size), json.loads(sys.stdin.read()))
         return 0
     if shutil.which("curl") is None:
         print("curl not found", file=sys.stderr)
@@ -138,7 +164,7 @@ def main() -> int:
                 t, got = _run_shell(template, url, ca_file)
                 assert got in (digest, None), f"{name}: digest mismatch"
                 base_times[name].append(t)
-            t, wall, got, peak = _run_fetcher(url, dest, size, ca_file)
+            t, wall, got, peak = _run_fetcher(dest, size, info)
             assert got == digest, "fetcher digest mismatch"
             fetch_times.append(t)
             fetch_walls.append(wall)
@@ -146,24 +172,34 @@ def main() -> int:
         srv.stdin.close()
         srv.wait(timeout=30)
 
+    result = {
+        "payload_mib": args.mib,
+        "scheme": "https" if args.tls else "http",
+        "runs": args.runs,
+        "updater_s": fetch_times,
+        "updater_process_s": fetch_walls,
+        "baselines_s": base_times,
+        "peak_rss_mib": max(rss) / 1024,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
     fetch_m = statistics.median(fetch_times)
     wall_m = statistics.median(fetch_walls)
-    print(
-        f"payload  {args.mib} MiB over {'https' if args.tls else 'http'} loopback, {args.runs} runs"
-    )
+    print(f"payload  {args.mib} MiB over {result['scheme']} loopback, {args.runs} runs")
     print(f"dest     {args.dest_dir or 'disk (a temporary directory under bench/)'}")
 
     def row(name: str, times: list[float]) -> None:
         runs = ", ".join(f"{t:.3f}" for t in times)
-        print(f"{name:<28} median {statistics.median(times):7.3f} s   [{runs}]")
+        print(f"{name:<32} median {statistics.median(times):7.3f} s   [{runs}]")
 
-    row("Fetcher.download (call)", fetch_times)
-    row("Fetcher.download (process)", fetch_walls)
+    row("download + verify (call)", fetch_times)
+    row("download + verify (process)", fetch_walls)
     for name, times in base_times.items():
         row(name, times)
         base = statistics.median(times)
-        print(f"{'':<28} ratio Fetcher/this {fetch_m / base:.3f} (process {wall_m / base:.3f})")
-    print(f"Fetcher peak RSS (child)     {max(rss) / 1024:.1f} MiB")
+        print(f"{'':<32} ratio updater/this {fetch_m / base:.3f} (process {wall_m / base:.3f})")
+    print(f"updater peak RSS (child)         {max(rss) / 1024:.1f} MiB")
     return 0
 
 

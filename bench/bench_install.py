@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import statistics
@@ -58,12 +59,31 @@ def _text_block(rng: random.Random) -> bytes:
     return out.getvalue()
 
 
-def build_release(path: Path) -> None:
-    """Write the seeded release tarball: half random bytes, half text-like (compressible)."""
+def _add_parents(tf: tarfile.TarFile, name: str, seen: set[str]) -> None:
+    """Add a directory entry for every ancestor of ``name`` not added yet (tar order: parents
+    first). A trailing slash makes ``name`` itself count as a directory."""
+    parts = name.split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        d = "/".join(parts[:i])
+        if d not in seen:
+            seen.add(d)
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            info.mtime = 1_700_000_000
+            tf.addfile(info)
+
+
+def build_release(path: Path, *, version: str = VERSION, base: Path | None = None) -> None:
+    """Write the seeded release tarball: half random bytes, half text-like (compressible).
+
+    ``base``, a directory, is laid down first as the release's own files (a runnable fake hal0
+    for the end-to-end bench); the seeded payload follows, the same bytes for every version.
+    """
     rng = random.Random(SEED)
     text = _text_block(rng)
     sizes = _file_sizes(rng)
-    top = f"hal0-{VERSION}"
+    top = f"hal0-{version}"
     tmp = path.with_suffix(".part")
     # gzip -6 in a child process keeps the build time reasonable (one-off, cached).
     with tmp.open("wb") as out:
@@ -75,17 +95,24 @@ def build_release(path: Path) -> None:
                 for s in range(20):
                     dirs.append(f"{top}/pkg{d:02d}/mod{s:02d}")
             seen: set[str] = set()
-            for name in [top, *dirs]:
-                parts = name.split("/")
-                for i in range(1, len(parts) + 1):
-                    p = "/".join(parts[:i])
-                    if p not in seen:
-                        seen.add(p)
-                        info = tarfile.TarInfo(p)
-                        info.type = tarfile.DIRTYPE
-                        info.mode = 0o755
-                        info.mtime = 1_700_000_000
+            if base is not None:
+                for item in sorted(base.rglob("*")):
+                    name = f"{top}/{item.relative_to(base).as_posix()}"
+                    if name in seen:
+                        continue
+                    _add_parents(tf, name, seen)
+                    info = tf.gettarinfo(str(item), arcname=name)
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    info.mtime = 1_700_000_000
+                    seen.add(name)
+                    if item.is_file():
+                        with item.open("rb") as f:
+                            tf.addfile(info, f)
+                    else:
                         tf.addfile(info)
+            for name in [top, *dirs]:
+                _add_parents(tf, name + "/", seen)
             for i, size in enumerate(sizes):
                 info = tarfile.TarInfo(f"{dirs[i % len(dirs)]}/f{i:05d}.dat")
                 info.size = size
@@ -141,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--tarball", type=Path, default=CACHE)
+    parser.add_argument("--json", action="store_true", help="end with one JSON document")
     args = parser.parse_args(argv)
 
     if not args.tarball.exists():
@@ -171,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"median tar -xzf + sync:              {tar_med:.2f} s")
         print(f"median extract + promote + swap:     {upd_med:.2f} s")
         print(f"ratio: {upd_med / tar_med:.2f}x (goal <= 1.20x)")
+        if args.json:
+            doc = {"files": FILES, "unpacked_mib": TOTAL_BYTES >> 20, "gz_mib": size / 1024**2}
+            print(json.dumps({**doc, "updater_s": upd_times, "tar_sync_s": tar_times}))
     finally:
         remove_tree(work)
     return 0
