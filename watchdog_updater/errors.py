@@ -49,11 +49,12 @@ class Error(Exception):
     """Base of every error the updater raises on purpose."""
 
     exit_code: ExitCode = ExitCode.FAILED
+    default_hint: str | None = None  # what to do, when the raiser has nothing more specific
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = hint if hint is not None else self.default_hint
 
     def diagnostics(self) -> str:
         """A human explanation: what failed, then what to do next."""
@@ -104,6 +105,11 @@ class SizeLimitError(RemoteDataError):
 
 class UnsafeArchiveError(RemoteDataError):
     """A release tarball contains something we refuse to unpack."""
+
+    default_hint = (
+        "nothing was unpacked and the running version is untouched; the tarball passed its "
+        "signature check, so report it to the release's publisher (`skip VERSION` holds it back)"
+    )
 
 
 class DownloadError(Error):

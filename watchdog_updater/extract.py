@@ -39,6 +39,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import math
 import os
 import posixpath
 import shutil
@@ -275,6 +276,8 @@ class _Checker:
         mode = m.mode & 0o755  # no setuid/setgid/sticky, no group/world write
         if kind == "f":
             size = m.size
+            if size < 0:  # a PAX size record can say so; it would lower the running total
+                _refuse(m, f"negative size {size}")
             if self.unpacked_bytes + size > self.limits.max_unpacked_bytes:
                 _refuse(
                     m,
@@ -287,6 +290,8 @@ class _Checker:
             link = self._hardlink_source(m)
         if rel:
             mode = self._data_filter_mode(m, rel, kind, link, mode)
+        if not math.isfinite(m.mtime):  # a PAX mtime record of inf or nan
+            _refuse(m, f"invalid modification time {m.mtime!r}")
         mtime_ns = min(max(int(m.mtime), 0), _MTIME_MAX) * 1_000_000_000
 
         self.kinds[rel] = kind
@@ -387,6 +392,8 @@ class _Checker:
             _refuse(m, "empty symlink target")
         if "\0" in target:
             _refuse(m, "NUL byte in symlink target")
+        if len(target.encode(errors="surrogateescape")) > _PATH_MAX:
+            _refuse(m, f"symlink target longer than {_PATH_MAX} bytes")
         if target.startswith("/"):
             _refuse(m, f"symlink to the absolute path {target!r}")
         joined = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
@@ -462,7 +469,7 @@ def _resolve_inside(start: str, target: str, symlinks: dict[str, tuple[str, str]
 
 
 def _refuse(m: tarfile.TarInfo, rule: str) -> NoReturn:
-    raise UnsafeArchiveError(f"{m.name}: {rule}", hint="the release tarball was not unpacked")
+    raise UnsafeArchiveError(f"{m.name}: {rule}")
 
 
 class _Writer:
