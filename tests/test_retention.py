@@ -61,15 +61,22 @@ versions = st.text(alphabet="abcdef", min_size=1, max_size=3)
     installed=st.lists(versions, max_size=12),
     keep=st.integers(min_value=0, max_value=6),
     protected=st.sets(versions, max_size=4),
+    quarantined=st.sets(versions, max_size=4),
     ranks=st.dictionaries(versions, st.integers(min_value=0, max_value=5)),
 )
 def test_plan_gc_invariants(
-    installed: list[str], keep: int, protected: set[str], ranks: dict[str, int]
+    installed: list[str],
+    keep: int,
+    protected: set[str],
+    quarantined: set[str],
+    ranks: dict[str, int],
 ) -> None:
     def key(v: str) -> int:
         return ranks.get(v, 0)  # many ties on purpose
 
-    doomed = plan_gc(installed, keep=keep, protected=protected, order_key=key)
+    doomed = plan_gc(
+        installed, keep=keep, protected=protected, order_key=key, quarantined=quarantined
+    )
     distinct = set(installed)
     kept = distinct - set(doomed)
     # 1. only installed versions, each once, oldest first
@@ -77,15 +84,27 @@ def test_plan_gc_invariants(
     assert doomed == sorted(doomed, key=lambda v: (key(v), v))
     # 2. never a protected version
     assert not set(doomed) & protected
-    # 3. the newest `keep` versions are never deleted
-    newest = sorted(distinct, key=lambda v: (key(v), v), reverse=True)[:keep]
+    # 3. the newest `keep` good (not quarantined) versions are never deleted
+    good = distinct - quarantined
+    newest = sorted(good, key=lambda v: (key(v), v), reverse=True)[:keep]
     assert set(newest) <= kept
-    # 4. complete: what survives is exactly the newest `keep` plus the protected ones
+    # 4. complete: what survives is exactly those plus the protected ones
     assert kept == set(newest) | (distinct & protected)
-    # 5. so at most `keep` unprotected versions remain, and every deleted one is older
+    # 5. so at most `keep` unprotected versions remain, none quarantined, and every deleted good
+    #    one is older than every kept unprotected one
     assert len(kept - protected) <= keep
-    for gone in doomed:
+    assert not (kept - protected) & quarantined
+    for gone in set(doomed) - quarantined:
         assert all((key(gone), gone) < (key(k), k) for k in kept - protected)
+
+
+def test_quarantined_versions_take_no_slot() -> None:
+    installed = ["1", "2", "3", "4"]
+    # keep=2: the quarantined 4 goes first, and 2 (a good rollback target) stays.
+    assert plan_gc(installed, keep=2, protected=set(), order_key=int, quarantined={"4"}) == [
+        "1",
+        "4",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------

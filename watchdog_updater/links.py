@@ -39,6 +39,7 @@ __all__ = [
     "move_to_trash",
     "promote_staging",
     "read_link_version",
+    "remove_link",
     "swap_link",
 ]
 
@@ -118,6 +119,25 @@ def swap_link(layout: Layout, link: Path, version: str) -> None:
         if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.ENOTDIR):
             raise _not_a_link(link) from e
         raise InstallError(f"cannot point {link} at {target}: {e.strerror or e}") from e
+
+
+def remove_link(link: Path) -> None:
+    """Remove the symlink ``link`` if it exists, durably; refuses to remove anything else."""
+    try:
+        st = link.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise InstallError(f"cannot inspect {link}: {e.strerror or e}") from e
+    if not stat.S_ISLNK(st.st_mode):
+        raise _not_a_link(link)
+    try:
+        link.unlink()
+        fsync_dir(link.parent)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise InstallError(f"cannot remove {link}: {e.strerror or e}") from e
 
 
 def promote_staging(staging: Path, version_dir: Path) -> None:

@@ -258,7 +258,8 @@ class Updater:
 
     def _restart_and_gate(self, tx: Transaction, *, restart_slots: bool = False) -> Result:
         tx = self.journal.advance(tx, Step.RESTART)
-        self._step(tx, "restarting " + ", ".join(self._restart_set(restart_slots)))
+        units = self._restart_set(restart_slots)
+        self._step(tx, f"restarting {', '.join(units)}" if units else "no services to restart")
         restart_error = self._restart(restart_slots)
         tx = self.journal.advance(tx, Step.GATE)
         if restart_error is not None:
@@ -442,7 +443,7 @@ class Updater:
         Returns None when there is nothing to watch, when probation passed, or when ``should_stop``
         interrupted it (the window stays recorded and is resumed later). Call with the lock held.
         """
-        from watchdog_updater.health.runner import run_probation
+        from watchdog_updater.health.runner import DEFAULT_ABANDON_SLACK_S, run_probation
 
         probation = self.store.probation()
         if probation is None:
@@ -450,9 +451,17 @@ class Updater:
         remaining = probation.until - self.clock()
         configured = self.config.health.probation
         if configured is None or remaining <= 0 or self.installed_version() != probation.version:
+            if configured is not None and remaining <= 0:
+                self.report(Event("info", f"{probation.version}: probation ended unwatched"))
             self.store.clear_probation()
             return None
-        policy = dataclasses.replace(configured, duration_s=min(remaining, configured.duration_s))
+        # Resumed near its end, the window still lets one round of probes finish: "no passing
+        # result" must be the service's doing, never a window shorter than a probe.
+        window = max(
+            min(remaining, configured.duration_s),
+            configured.probe_timeout_s + DEFAULT_ABANDON_SLACK_S,
+        )
+        policy = dataclasses.replace(configured, duration_s=window)
         decision = run_probation(
             self._build_probes(), policy, on_result=self._probe_event, should_stop=should_stop
         )
@@ -565,7 +574,15 @@ class Updater:
 
     def _point_links(self, *, current: str | None, previous: str | None) -> None:
         if previous is not None and previous != current:
-            links.swap_link(self.layout, self.layout.previous_link, previous)
+            if self.layout.version_dir(previous).is_dir():
+                links.swap_link(self.layout, self.layout.previous_link, previous)
+            else:
+                # Gone (retention with a small `keep`, or deleted by hand): better no rollback
+                # target than a transaction that can never finish.
+                links.remove_link(self.layout.previous_link)
+                self.report(
+                    Event("info", f"{previous} is no longer installed: no previous version")
+                )
         if current is not None:
             links.swap_link(self.layout, self.layout.current_link, current)
 
@@ -592,12 +609,15 @@ class Updater:
             version = links.read_link_version(self.layout, link)
             if version is not None:
                 protected.add(version)
+        quarantine = self.store.quarantine()
         removed = retention.collect_garbage(
             self.layout,
             keep=self.config.install.keep,
             protected=protected,
             order_key=version_order_key,
             cache_dir=self.layout.cache_dir,
+            # Never installed again: a quarantined version must not push out a good one.
+            quarantined=quarantine.keys() - protected,
         )
         if removed:
             self.report(Event("info", f"removed old versions: {', '.join(removed)}"))
