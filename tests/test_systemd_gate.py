@@ -97,6 +97,22 @@ def test_crash_loop_rolls_back_fast(hal0: Appliance) -> None:
     assert q["quarantine"]["1.1.0"]["failed_probe"] == "unit:hal0-api.service"
 
 
+def test_rollback_restart_is_not_refused_by_the_crash_loops_start_limit(
+    tmp_path: Path, sigstore: PrivateSigstore
+) -> None:
+    """systemd's defaults (RestartSec=100ms, 5 starts in 10 s): the bad release's crash loop hits
+    the start limit before the verdict; the rollback's restart must still bring 1.0.0 back."""
+    require_systemd_sandbox()
+    with appliance(tmp_path, sigstore=sigstore, api_restart_sec=0.1) as app:
+        app.configure(health={"interval": 2, "consecutive": 3, "deadline": 30})
+        app.publish("1.1.0", "crash_at_start")
+        code, doc = app.cli_json("update")
+        assert (code, doc["outcome"]) == (4, "rolled-back"), doc
+        assert app.host.current() == "1.0.0"
+        assert app.unit("hal0-api.service")["ActiveState"] == "active"
+        assert api_version(app) == "1.0.0"
+
+
 def test_crash_after_start_rolls_back(hal0: Appliance) -> None:
     hal0.configure(health={"consecutive": 10, "interval": 1})
     hal0.publish("1.1.0", "crash_after:3")

@@ -169,24 +169,26 @@ def remove_tree(path: Path) -> None:
 
 
 def clean_staging(layout: Layout) -> list[Path]:
-    """Remove leftover staging (``.hal0-staging-*``) and trash (``.hal0-trash-*``) dirs.
+    """Remove leftover staging (``.hal0-staging-*``) and trash (``.hal0-trash-*``) dirs, beside
+    the version dirs and in the download cache (retention trashes cache entries too).
 
     Crash recovery calls this: no link ever points into either kind, so removing them is always
     safe. Returns the removed paths.
     """
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(layout.versions_dir))
-    except FileNotFoundError:
-        return removed
-    for entry in sorted(entries, key=lambda e: e.name):
-        if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
-            path = Path(entry.path)
-            try:
-                remove_tree(path)
-            except OSError as e:
-                raise _install_error(e, f"cannot remove leftover {path}") from e
-            removed.append(path)
+    for directory in (layout.versions_dir, layout.cache_dir):
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            continue
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+                path = Path(entry.path)
+                try:
+                    remove_tree(path)
+                except OSError as e:
+                    raise _install_error(e, f"cannot remove leftover {path}") from e
+                removed.append(path)
     return removed
 
 

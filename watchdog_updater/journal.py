@@ -41,6 +41,7 @@ class Step(enum.StrEnum):
 # Steps during which `current` may already point at the transaction's target.
 SWAPPED_STEPS = frozenset({Step.SWAP, Step.HOOKS, Step.RESTART, Step.GATE})
 ROLLBACK_STEPS = frozenset({Step.ROLLBACK_SWAP, Step.ROLLBACK_RESTART, Step.ROLLBACK_GATE})
+_RECENT = 5  # history lines searched for the outcome of an interrupted transaction
 
 
 class Outcome(enum.StrEnum):
@@ -206,6 +207,18 @@ class Journal:
             os.unlink(self.intent_path)
         fsync_dir(self.state_dir)
         return entry
+
+    def finished_entry(self, txid: str) -> dict[str, Any] | None:
+        """The history entry of ``txid``, if :meth:`finish` recorded it (the newest few only:
+        a transaction is only ever looked up right after it was interrupted)."""
+        recent: list[dict[str, Any]] = self.history(limit=_RECENT)
+        return next((doc for doc in reversed(recent) if doc.get("txid") == txid), None)
+
+    def drop_intent(self) -> None:
+        """Remove the intent record of a transaction whose outcome is already in the history."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.intent_path)
+        fsync_dir(self.state_dir)
 
     def history(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Finished transactions, oldest first; a torn line from a power cut is skipped."""

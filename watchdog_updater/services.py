@@ -103,6 +103,10 @@ class ServiceManager(Protocol):
     def restart(self, unit: str, *, timeout_s: float) -> None:
         """Restart ``unit`` and wait until its job finishes.
 
+        The unit's failed state and start-rate counter are reset first (``reset-failed``): a
+        deliberate restart, say back to the old version, must not be refused because the release
+        just left crash-looped into systemd's start limit.
+
         Raises :class:`ServiceError` when the job fails or is cancelled, or takes longer than
         ``timeout_s`` seconds.
         """
@@ -224,6 +228,8 @@ class SystemctlManager:
 
     def restart(self, unit: str, *, timeout_s: float) -> None:
         name = normalize_unit_name(unit)
+        with contextlib.suppress(ServiceError):  # the restart itself reports what is wrong
+            self._run(["reset-failed", "--", name], timeout_s=self._timeout_s, what="")
         self._run(
             ["restart", "--", name],
             timeout_s=_check_timeout(timeout_s),
@@ -446,6 +452,8 @@ class PystemdManager:
             removed: dict[bytes, str] = {}
             _keepalive = self._watch_job_removals(bus, removed)  # referenced until we return
             self._call(bus, _MANAGER_PATH, _MANAGER_IFACE, b"Subscribe", b"")
+            with contextlib.suppress(Exception):  # the restart itself reports what is wrong
+                self._call(bus, path, _UNIT_IFACE, b"ResetFailed", b"")
             job = self._call(bus, path, _UNIT_IFACE, b"Restart", b"s", b"replace")
             if not isinstance(job, bytes):
                 raise ServiceError(f"{what}: systemd sent no job path")

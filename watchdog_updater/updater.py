@@ -485,16 +485,30 @@ class Updater:
 
     # --------------------------------------------------------------------------- recovery
     def recover(self) -> Result | None:
-        """Finish or undo an interrupted transaction. Call with the lock held, before anything."""
+        """Finish or undo an interrupted transaction. Call with the lock held, before anything.
+
+        Whatever the transaction's step, leftovers of the interrupted process (staging and trash
+        dirs, temporary links) are removed afterwards: none of them is ever pointed at.
+        """
+        result = self._recover_transaction()
+        self._cleanup_staging()
+        return result
+
+    def _recover_transaction(self) -> Result | None:
         tx = self.journal.current()
         if tx is None:
-            self._cleanup_staging()
+            return None
+        finished = self.journal.finished_entry(tx.txid)
+        if finished is not None:  # killed between recording the outcome and dropping the intent
+            self.journal.drop_intent()
+            self.report(
+                Event("info", f"transaction {tx.txid} had finished: {finished.get('reason')}")
+            )
             return None
         cause = "a power cut or reboot" if tx.boot_id != self.journal.boot_id else "a crash"
         note = f"interrupted by {cause} at step {tx.step.value}"
         self.report(Event("info", f"recovering transaction {tx.txid}: {note}"))
         if tx.step in (Step.FETCH, Step.STAGE, Step.PROMOTE):
-            self._cleanup_staging()
             entry = self.journal.finish(tx, Outcome.ABORTED, f"{note}; nothing was changed")
             self._outcome(entry)
             return Result(

@@ -1,0 +1,88 @@
+"""Recovery at the narrow instants the systemd fault campaign hit (tests/test_fault_campaign_systemd.py),
+each put in place deterministically: the journal and files exactly as a SIGKILL at that line leaves
+them, then ``recover``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tests.kit.channel import ReleaseChannel
+from tests.kit.host import Host
+from watchdog_updater.app import App
+from watchdog_updater.config import load_config
+from watchdog_updater.journal import Outcome, Step, Transaction
+from watchdog_updater.links import TEMP_LINK_PREFIX, move_to_trash
+from watchdog_updater.storage import atomic_write_json
+from watchdog_updater.updater import Updater
+
+
+def updater(host: Host) -> Updater:
+    return App.create(host.root, load_config(host.config_path, missing_ok=False)).updater()
+
+
+def open_commit(up: Updater, from_version: str, to_version: str) -> Transaction:
+    """An intent record at the commit step, as a kill there leaves it."""
+    return up.journal.begin(
+        kind="update",
+        from_version=from_version,
+        to_version=to_version,
+        channel="stable",
+        trigger="cli",
+        step=Step.COMMIT,
+    )
+
+
+def leftovers(host: Host) -> list[str]:
+    layout = host.layout
+    places = [layout.versions_dir, layout.lib_dir, layout.cache_dir]
+    return sorted(
+        p.name for d in places if d.is_dir() for p in d.iterdir() if p.name.startswith(".")
+    )
+
+
+def test_killed_between_recording_the_outcome_and_dropping_the_intent(
+    host: Host, channel: ReleaseChannel
+) -> None:
+    channel.publish(channel.release("1.1.0"))
+    up = updater(host)
+    assert up.update().outcome is Outcome.COMMITTED
+    entry = up.journal.history()[-1]
+    # Journal.finish appended the line, then the kill: the intent record is still there.
+    tx = open_commit(up, "1.0.0", "1.1.0")
+    doc = json.loads(up.journal.intent_path.read_text())
+    atomic_write_json(up.journal.intent_path, {**doc, "txid": entry["txid"]})
+    assert updater(host).recover() is None
+    history = up.journal.history()
+    assert [e["txid"] for e in history].count(entry["txid"]) == 1, history  # recorded once
+    assert tx.txid not in [e["txid"] for e in history]
+    assert up.journal.current() is None and host.current() == "1.1.0"
+
+
+def test_leftovers_of_an_interrupted_commit_are_removed(
+    host: Host, channel: ReleaseChannel
+) -> None:
+    for version in ("1.1.0", "1.2.0"):
+        channel.publish(channel.release(version))
+        assert updater(host).update().outcome is Outcome.COMMITTED
+    layout = host.layout
+    # Killed inside retention at the commit step of a later update: a version dir and its cache
+    # entry renamed to trash, and a temporary link from a swap.
+    up = updater(host)
+    open_commit(up, "1.1.0", "1.2.0")
+    move_to_trash(layout.version_dir("1.0.0"))
+    move_to_trash(layout.cache_dir / "1.1.0")
+    (layout.lib_dir / f"{TEMP_LINK_PREFIX}current-0123456789ab").symlink_to("hal0-1.2.0")
+    assert leftovers(host) != []
+    result = updater(host).recover()
+    assert result is not None and result.outcome is Outcome.COMMITTED
+    assert leftovers(host) == []
+    assert host.current() == "1.2.0"
+
+
+def test_recover_with_nothing_open_still_cleans_the_cache(host: Host) -> None:
+    stray = host.layout.cache_dir / ".hal0-trash-1.0.0-0123456789ab"
+    (stray / "hal0-1.0.0.tar.gz").parent.mkdir(parents=True)
+    (stray / "hal0-1.0.0.tar.gz").write_bytes(b"a trashed cache entry")
+    assert updater(host).recover() is None
+    assert not stray.exists()
