@@ -8,7 +8,6 @@ files; the gate here is a command probe (the systemd variant is in test_systemd_
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -21,10 +20,9 @@ import pytest
 
 from tests.kit.channel import ReleaseChannel, simple_release_tarball
 from tests.kit.host import Host
+from tests.kit.recovery import check_invariants
 from tests.kit.release_server import ReleaseServer
 from tests.kit.tls import TestCA
-from watchdog_updater.errors import BusyError
-from watchdog_updater.lock import UpdateLock
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -51,37 +49,6 @@ def make_host(
     )
     host.install_initial("1.0.0", initial)
     return host
-
-
-def check_invariants(host: Host, versions: set[str]) -> dict[str, object]:
-    layout = host.layout
-    current = host.current()
-    assert current in versions, current
-    tree = layout.version_dir(current)
-    assert (tree / "VERSION").read_text() == f"{current}\n"
-    assert sum(1 for p in tree.rglob("*") if p.is_file()) == EXPECTED_FILES
-    leftovers = [p.name for p in layout.versions_dir.iterdir() if p.name.startswith(".hal0-")]
-    leftovers += [p.name for p in layout.lib_dir.iterdir() if p.name.startswith(".")]
-    assert leftovers == [], leftovers
-    assert not (layout.state_dir / "transaction.json").exists()
-    lock = UpdateLock(layout.lock_path)
-    try:
-        lock.acquire()
-    except BusyError as e:  # pragma: no cover - the assertion below reports it
-        raise AssertionError(f"lock still held after recovery: {e}") from e
-    lock.release()
-    history = layout.state_dir / "history.jsonl"  # absent when killed before a transaction began
-    lines = history.read_text().splitlines() if history.exists() else []
-    entries = [json.loads(line) for line in lines if line.strip()]
-    quarantine = (
-        json.loads((layout.state_dir / "quarantine.json").read_text())
-        if (layout.state_dir / "quarantine.json").exists()
-        else {}
-    )
-    assert quarantine == {}, "an interruption must never quarantine a release"
-    assert host.sentinel.read_text() == "operator config\n"
-    assert host.data_sentinel.read_bytes() == b"model weights"
-    return entries[-1] if entries else {}
 
 
 def kill_at(proc: subprocess.Popen[bytes], intent: Path, step: str | None, delay: float) -> str:
@@ -144,7 +111,7 @@ def test_sigkill_anywhere_then_recover(
         hits[how] += 1
         recover = host.cli("recover", "--json")
         assert recover.returncode in (0, 4), recover.stderr
-        last = check_invariants(host, {"1.0.0", "1.1.0"})
+        last = check_invariants(host, {"1.0.0", "1.1.0"}, expected_files=EXPECTED_FILES)
         outcomes[str(last.get("outcome"))] += 1
         # The host goes on working: a normal update after recovery lands on 1.1.0 (or is a no-op).
         if not rollback and n % 4 == 0:

@@ -118,8 +118,13 @@ def appliance(
     initial: str = "1.0.0",
     slots: tuple[str, ...] = ("a", "b"),
     api_restart_sec: float = 1,
+    start_rate_limit: bool = True,
 ) -> Iterator[Appliance]:
-    """Bring up the whole appliance with ``initial`` installed, current and running."""
+    """Bring up the whole appliance with ``initial`` installed, current and running.
+
+    ``start_rate_limit=False`` lifts systemd's start limit from the units (see
+    :func:`tests.kit.fake_hal0.hal0_units`), for campaigns that restart far more often than a host.
+    """
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(
@@ -141,6 +146,7 @@ def appliance(
             slots=ports.slots,
             python=sys.executable,
             api_restart_sec=api_restart_sec,
+            start_rate_limit=start_rate_limit,
         )
         sandbox = stack.enter_context(SystemdSandbox(workdir / "units", units))
         sandbox.systemctl("start", "hal0.target")

@@ -447,6 +447,7 @@ def hal0_units(
     python: str,
     api_restart_sec: float = 1,
     openwebui_restart_sec: float = 1,
+    start_rate_limit: bool = True,
 ) -> dict[str, str]:
     """Unit texts ({file name: text}) for a fake hal0 under ``root``.
 
@@ -455,6 +456,10 @@ def hal0_units(
     function writes to ``<root>/usr/libexec/hal0-fake/`` together with one env file per slot
     (``<root>/etc/hal0/slots/<token>.env``). Units keep their default dependencies (the sandbox
     provides stub targets). ``hal0.target`` wants all of them.
+
+    ``start_rate_limit=False`` writes ``StartLimitIntervalSec=0`` into every unit: a campaign that
+    restarts hal0-api hundreds of times in minutes would otherwise hit systemd's start limit
+    (5 starts in 10 s by default), which no real host reaches.
     """
     root = Path(root)
     for token, port in slots.items():
@@ -470,12 +475,15 @@ def hal0_units(
     (root / _SLOT_CONTROL_REL).mkdir(parents=True, exist_ok=True)
 
     current = root / _LIB_REL / "current"
+    unlimited = "" if start_rate_limit else "StartLimitIntervalSec=0\n"
+    openwebui_limit = unlimited or "StartLimitIntervalSec=120\nStartLimitBurst=10\n"
     py, aux_s = _unit_path(python), _unit_path(aux)
     slot_units = " ".join(f"hal0-slot@{token}.service" for token in sorted(slots))
     return {
         "hal0-api.service": (
             "[Unit]\n"
             "Description=fake hal0 API\n"
+            f"{unlimited}"
             "\n[Service]\n"
             "Type=simple\n"
             f"WorkingDirectory={_unit_path(current)}\n"
@@ -487,8 +495,7 @@ def hal0_units(
         "hal0-openwebui.service": (
             "[Unit]\n"
             "Description=fake OpenWebUI\n"
-            "StartLimitIntervalSec=120\n"
-            "StartLimitBurst=10\n"
+            f"{openwebui_limit}"
             "\n[Service]\n"
             f"ExecStart={py} {aux_s} openwebui --port {openwebui_port}\n"
             "Restart=always\n"
@@ -497,6 +504,7 @@ def hal0_units(
         "hal0-slot@.service": (
             "[Unit]\n"
             "Description=fake hal0 model slot %i\n"
+            f"{unlimited}"
             "\n[Service]\n"
             f"EnvironmentFile={_unit_path(env_dir)}/%i.env\n"
             f"Environment=FAKE_SLOT_CONTROL={_unit_path(root / _SLOT_CONTROL_REL)}/%i.behavior\n"
