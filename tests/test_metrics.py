@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import socket
@@ -672,6 +673,38 @@ def test_every_scrape_reads_current_state(layout: Layout) -> None:
     write_history(layout, [E1_COMMIT])
     m = scrape(registry)
     assert m("hal0_updater_update_attempts_total", channel="stable", outcome="rolled-back") == 0
+
+
+def test_history_read_piece_by_piece_matches_a_full_read(layout: Layout) -> None:
+    """Appends are read incrementally (only the new bytes, line by line): whatever the pieces,
+    including a line torn mid-write and completed later, a long-lived collector reports exactly
+    what a fresh one reading the whole file does."""
+    registry = collector_registry(layout)
+    history = layout.state_dir / "history.jsonl"
+    write_history(layout, [])
+    text = "".join(history_line(e) for e in (E1_COMMIT, E2_GATE_FAILED, E3_FETCH_FAILED))
+    text += "not json\n" + "".join(history_line(e) for e in (E4_HOOK_FAILED, E5_MANUAL))
+    cuts = sorted({0, 10, 400, 401, len(history_line(E1_COMMIT)), len(text) - 7, len(text)})
+
+    def families(m: Scrape) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        wanted = ("update_attempts", "rollbacks", "duration_seconds", "history_parse_errors")
+        return {k: v for k, v in m.samples.items() if any(w in k[0] for w in wanted)}
+
+    for start, end in itertools.pairwise(cuts):
+        with history.open("a") as f:
+            f.write(text[start:end])
+        assert families(scrape(registry)) == families(scrape(collector_registry(layout)))
+    m = scrape(registry)
+    assert m("hal0_updater_history_parse_errors_total") == 1
+    assert m("hal0_updater_update_attempts_total", channel="stable", outcome="committed") == 1
+    assert m("hal0_updater_rollbacks_total", reason="manual", trigger="manual") == 1
+    # An edit in place that keeps the size (an operator fixing a line) is noticed too.
+    edited = text.replace('"stable"', '"beta!!"', 1)
+    assert len(edited) == len(text)
+    history.write_text(edited)
+    assert families(scrape(registry)) == families(scrape(collector_registry(layout)))
+    after = scrape(registry)
+    assert after("hal0_updater_update_attempts_total", channel="beta!!", outcome="committed") == 1
 
 
 def test_histogram_buckets_are_the_documented_fixed_ones(layout: Layout) -> None:

@@ -18,7 +18,9 @@ imports ``prometheus_client``; import it lazily so ``update --check`` stays fast
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import io
 import json
 import math
 import os
@@ -30,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import IO, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
@@ -104,6 +106,8 @@ _ROLLBACK_SET = frozenset(ROLLBACK_REASONS)
 
 # ``hal0_updater_checks_total{result}``, set by the daemon after each channel check.
 CHECK_RESULTS: tuple[str, ...] = ("available", "up-to-date", "held", "error")
+
+_HEAD_BYTES = 4096  # of history.jsonl, compared between reads to notice a rewrite
 
 # The daemon's kinds of job (each runs in its own child process).
 JOB_KINDS: tuple[str, ...] = ("recover", "check", "update", "probation")
@@ -223,22 +227,42 @@ class _Entry:
         return "other"
 
 
-def _histogram(
-    values: Iterable[float], bounds: tuple[float, ...]
-) -> tuple[list[tuple[str, float]], float]:
-    """Cumulative (le, count) buckets, the last one +Inf, and the sum of ``values``."""
-    values = list(values)
-    buckets = [(repr(float(b)), float(sum(v <= b for v in values))) for b in bounds]
-    buckets.append(("+Inf", float(len(values))))
-    return buckets, sum(values)
+@dataclass
+class _Histogram:
+    """Cumulative bucket counts and the sum of observed values: constant memory however many."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+    def buckets(self) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative (le, count) buckets, the last one +Inf, and the sum."""
+        buckets = [
+            (repr(float(b)), float(c)) for b, c in zip(self.bounds, self.counts, strict=True)
+        ]
+        buckets.append(("+Inf", float(self.n)))
+        return buckets, self.total
 
 
 @dataclass
 class _HistorySummary:
     attempts: Tally[tuple[str, str]] = field(default_factory=Tally)
     rollbacks: Tally[tuple[str, str]] = field(default_factory=Tally)
-    update_durations: list[float] = field(default_factory=list)
-    gate_durations: list[float] = field(default_factory=list)
+    update_durations: _Histogram = field(
+        default_factory=lambda: _Histogram(UPDATE_DURATION_BUCKETS_S)
+    )
+    gate_durations: _Histogram = field(default_factory=lambda: _Histogram(GATE_DURATION_BUCKETS_S))
     last_success: float | None = None
     last_rollback: float | None = None
     last_gate_at: float | None = None
@@ -249,11 +273,11 @@ class _HistorySummary:
         if entry.kind == "update":
             self.attempts[(entry.channel, entry.outcome.value)] += 1
             if entry.outcome in _TIMED_OUTCOMES:
-                self.update_durations.append(max(0.0, entry.finished_at - entry.started_at))
+                self.update_durations.observe(max(0.0, entry.finished_at - entry.started_at))
             if entry.outcome is Outcome.COMMITTED:
                 self.last_success = _latest(self.last_success, entry.finished_at)
         if entry.gate and "gate" in entry.durations_s:
-            self.gate_durations.append(max(0.0, entry.durations_s["gate"]))
+            self.gate_durations.observe(max(0.0, entry.durations_s["gate"]))
         rollbacks = entry.rollbacks()
         for event in rollbacks:
             self.rollbacks[event] += 1
@@ -267,19 +291,29 @@ class _HistorySummary:
     @classmethod
     def parse(cls, raw: bytes) -> _HistorySummary:
         summary = cls()
-        lines = raw.split(b"\n")
-        # A last line without its newline is being written or was torn by a power cut: not yet an
-        # error (the next append starts a fresh line, and then it is counted).
-        for line in lines[:-1]:
+        summary.feed(io.BytesIO(raw))
+        return summary
+
+    def feed(self, stream: IO[bytes]) -> int:
+        """Add the complete lines of ``stream``, one at a time; returns the bytes consumed.
+
+        A last line without its newline is being written or was torn by a power cut: not yet an
+        error, and not consumed (the next append starts a fresh line, and then it is counted).
+        """
+        consumed = 0
+        for line in stream:
+            if not line.endswith(b"\n"):
+                break
+            consumed += len(line)
             if not line.strip():
                 continue
             try:
                 entry = _Entry.parse(line)
             except _DECODE_ERRORS:
-                summary.parse_errors += 1
+                self.parse_errors += 1
                 continue
-            summary.add(entry)
-        return summary
+            self.add(entry)
+        return consumed
 
 
 def _latest(current: float | None, candidate: float) -> float:
@@ -342,9 +376,11 @@ class UpdaterCollector(Collector):
         self.clock = clock
         self._store = StateStore(layout.state_dir)
         self._lock = threading.Lock()
-        # history.jsonl is append-only: re-parse only when its identity or size changes.
+        # history.jsonl is append-only: read on when its identity, size or mtime changes.
         self._history_key: tuple[int, int, int, int] | None = None
         self._history: _HistorySummary = _HistorySummary()
+        self._history_offset = 0  # bytes of history.jsonl already in self._history
+        self._history_head = b""  # its first bytes then: an edit in place shows there
 
     def describe(self) -> Iterable[Metric]:
         """The family names, without reading anything (lets the registry refuse duplicates)."""
@@ -422,8 +458,8 @@ class UpdaterCollector(Collector):
         tally.update(summary.rollbacks)
         for (reason, trigger), count in sorted(tally.items()):
             rollbacks.add_metric([reason, trigger], count)
-        update_hist.add_metric([], *_histogram(summary.update_durations, UPDATE_DURATION_BUCKETS_S))
-        gate_hist.add_metric([], *_histogram(summary.gate_durations, GATE_DURATION_BUCKETS_S))
+        update_hist.add_metric([], *summary.update_durations.buckets())
+        gate_hist.add_metric([], *summary.gate_durations.buckets())
         parse_errors.add_metric([], summary.parse_errors)
 
         for probe, ok in sorted(summary.last_gate_probes.items()):
@@ -444,10 +480,24 @@ class UpdaterCollector(Collector):
             return _HistorySummary()
         key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         with self._lock:
-            if key != self._history_key:
-                self._history = _HistorySummary.parse(path.read_bytes())
-                self._history_key = key
-            return self._history
+            if key == self._history_key:
+                return self._history
+            known, offset = self._history_key, self._history_offset
+            with path.open("rb") as f:
+                head = f.read(_HEAD_BYTES)
+                rewritten = head[: len(self._history_head)] != self._history_head
+                if known is None or known[:2] != key[:2] or stat.st_size < offset or rewritten:
+                    # First read, or another file (replaced, truncated, edited): start over.
+                    summary, offset = _HistorySummary(), 0
+                else:  # a copy: a scrape still emitting the old summary must see it whole
+                    summary = copy.deepcopy(self._history)
+                # history.jsonl is append-only: read only what was added since the last read,
+                # line by line, so neither time nor memory grows with the file.
+                f.seek(offset)
+                offset += summary.feed(f)
+            self._history, self._history_offset, self._history_key = summary, offset, key
+            self._history_head = head[:offset]
+            return summary
 
     def _emit_transaction(self, scrape: _Scrape, *, read: bool) -> None:
         in_flight = scrape.gauge(
