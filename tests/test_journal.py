@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,13 @@ import pytest
 from watchdog_updater.errors import BusyError
 from watchdog_updater.journal import Journal, Outcome, Step, Transaction
 from watchdog_updater.lock import UpdateLock
-from watchdog_updater.state import ChannelMemory, Holds, QuarantineEntry, StateStore
+from watchdog_updater.state import (
+    MAX_QUARANTINE,
+    ChannelMemory,
+    Holds,
+    QuarantineEntry,
+    StateStore,
+)
 from watchdog_updater.storage import (
     append_json_line,
     atomic_write_bytes,
@@ -304,6 +311,16 @@ def test_quarantine_add_same_version_replaces(tmp_path: Path) -> None:
     store.add_quarantine(q("1.1.0", "first"))
     store.add_quarantine(q("1.1.0", "second"))
     assert store.quarantine() == {"1.1.0": q("1.1.0", "second")}
+
+
+def test_quarantine_keeps_only_the_newest_entries(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    for i in range(MAX_QUARANTINE + 5):
+        store.add_quarantine(dataclasses.replace(q(f"1.{i}.0"), at=1000.0 + i))
+    entries = store.quarantine()
+    assert len(entries) == MAX_QUARANTINE
+    assert "1.0.0" not in entries and "1.4.0" not in entries  # the five oldest went
+    assert f"1.{MAX_QUARANTINE + 4}.0" in entries and "1.5.0" in entries
 
 
 def test_quarantine_clear_one(tmp_path: Path) -> None:

@@ -18,7 +18,17 @@ from typing import Any
 
 from watchdog_updater.storage import atomic_write_json, read_json
 
-__all__ = ["ChannelMemory", "Holds", "Probation", "QuarantineEntry", "StateStore"]
+__all__ = [
+    "MAX_QUARANTINE",
+    "ChannelMemory",
+    "Holds",
+    "Probation",
+    "QuarantineEntry",
+    "StateStore",
+]
+
+# Quarantine entries kept: a hundred failed releases is years of nightlies; the oldest goes first.
+MAX_QUARANTINE = 100
 
 
 @dataclass(frozen=True)
@@ -105,8 +115,13 @@ class StateStore:
         return {v: QuarantineEntry(**e) for v, e in doc.items()}
 
     def add_quarantine(self, entry: QuarantineEntry) -> None:
+        """Record ``entry``; only the newest :data:`MAX_QUARANTINE` entries (by time) are kept,
+        so the file cannot grow without bound on a box that runs for years."""
         entries = self.quarantine()
         entries[entry.version] = entry
+        if len(entries) > MAX_QUARANTINE:
+            newest = sorted(entries.values(), key=lambda e: e.at, reverse=True)[:MAX_QUARANTINE]
+            entries = {e.version: e for e in newest}
         atomic_write_json(self._quarantine_path, {v: e.to_json() for v, e in entries.items()})
 
     def clear_quarantine(self, version: str | None = None) -> list[str]:
