@@ -12,7 +12,10 @@ unpacked (built once, cached in /tmp). Run as root.
   appliance's gate: units, slots, HTTP probes, 0.5 s apart, 3 consecutive passes).
 - naive: the script the seed warns about, given the manifest's URL and digest: ``curl`` to a file,
   ``sha256sum -c``, ``tar -xzf``, ``ln -sfn``, ``systemctl restart``. No signature, no flush, no
-  gate, no rollback. The contenders alternate which goes first.
+  gate, no rollback. The contenders take turns going first.
+- naive + sync: the same with ``sync`` after ``tar``, so that its tree is on disk before the link
+  points at it, as the updater's is (its time then includes the writeback the plain script leaves
+  to the kernel, and to chance: a power cut after ``ln`` leaves ``current`` half written).
 - restart: ``systemctl restart hal0-api`` alone, the floor for hal0-api's unavailable time.
 
 During each run a poller asks hal0-api's health endpoint and every slot every 20 ms (a fresh
@@ -192,12 +195,13 @@ curl -fsS --cacert "$CA" -o /dev/null "$MANIFEST"
 curl -fsS --cacert "$CA" -o "$TMP/hal0.tar.gz" "$URL"
 echo "$SHA256  $TMP/hal0.tar.gz" | sha256sum -c --quiet
 tar -xzf "$TMP/hal0.tar.gz" -C "$LIB"
+$FLUSH
 ln -sfn "hal0-$VERSION" "$LIB/current"
 systemctl restart hal0-api.service hal0-openwebui.service
 """
 
 
-def run_naive(app: Appliance, manifest: dict[str, Any]) -> Run:
+def run_naive(app: Appliance, manifest: dict[str, Any], *, flush: bool = False) -> Run:
     with tempfile.TemporaryDirectory(prefix="naive-", dir=app.host.root) as tmp:
         env = {
             **os.environ,
@@ -208,6 +212,7 @@ def run_naive(app: Appliance, manifest: dict[str, Any]) -> Run:
             "TMP": tmp,
             "LIB": str(app.host.layout.lib_dir),
             "VERSION": VERSION,
+            "FLUSH": "sync" if flush else ":",
         }
         argv = [*app.sandbox.nsenter_prefix(), "bash", "-c", NAIVE]
         with _poller(app) as poller:
@@ -246,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     naive: list[Run] = []
     restart: list[float] = []
     small: list[Run] = []
+    naive_sync: list[Run] = []
+    contenders = ("updater", "naive", "naive+sync")
     for r in range(args.rounds):
-        order = ("updater", "naive") if r % 2 == 0 else ("naive", "updater")
+        order = contenders[r % 3 :] + contenders[: r % 3]
         for who in order:
             with appliance(sigstore=sigstore) as app:
                 published = app.channel.release(VERSION, tarball=tarball)
@@ -255,16 +262,19 @@ def main(argv: list[str] | None = None) -> int:
                 os.sync()  # neither contender pays for the other's (or the build's) writeback
                 if who == "updater":
                     updater.append(run_updater(app))
-                else:
+                elif who == "naive":
                     restart.append(run_restart(app))
                     naive.append(run_naive(app, published.manifest))
+                else:
+                    naive_sync.append(run_naive(app, published.manifest, flush=True))
         if r == 0:  # the same update of a tiny release: is the peak RSS independent of size?
             with appliance(sigstore=sigstore) as app:
                 app.publish(VERSION)
                 small.append(run_updater(app))
         u, n = updater[-1], naive[-1]
         print(
-            f"round {r + 1}: updater {u.seconds:.2f} s, naive {n.seconds:.2f} s; hal0-api down "
+            f"round {r + 1}: updater {u.seconds:.2f} s, naive {n.seconds:.2f} s, naive + sync "
+            f"{naive_sync[-1].seconds:.2f} s; hal0-api down "
             f"{u.api_outage_s:.2f} s / {n.api_outage_s:.2f} s (restart alone "
             f"{restart[-1]:.2f} s); slot failures {u.slot_failures} / {n.slot_failures}",
             flush=True,
@@ -276,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "updater_s": _stats([r.seconds for r in updater]),
         "naive_s": _stats([r.seconds for r in naive]),
+        "naive_sync_s": _stats([r.seconds for r in naive_sync]),
         "ratio": statistics.median(r.seconds for r in updater)
         / statistics.median(r.seconds for r in naive),
         "goal_ratio": E2E_GOAL,
@@ -306,6 +317,7 @@ def report(result: dict[str, Any]) -> str:
         [
             f"updater end to end   median {med('updater_s'):.2f} s",
             f"naive script         median {med('naive_s'):.2f} s",
+            f"naive script + sync  median {med('naive_sync_s'):.2f} s",
             f"ratio                {result['ratio']:.2f}x (goal <= {E2E_GOAL}x)",
             f"updater phases (median s): {phases}",
             f"updater peak RSS     {med('updater_peak_rss_mib'):.1f} MiB (goal <= "
