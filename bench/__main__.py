@@ -10,7 +10,8 @@ line is its result document. Written to bench/results/:
 - ``<UTC time>-<name>.txt``: everything each benchmark printed.
 
 Run as root (the end-to-end and crash-loop benchmarks use the systemd sandbox). Takes ~10 min.
-``python -m bench --only bench_daemon`` runs a subset.
+``python -m bench --only bench_daemon`` runs a subset; ``python -m bench --render RESULTS.json``
+prints the table of an earlier run.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _ratio_row(
         figure,
         _span(ours),
         f"{base_name} {_span(base)}",
-        f"{ratio:.2f}x",
+        f"{ratio:.3f}x",
         f"<= {goal:g}x",
         ratio <= goal,
     )
@@ -148,7 +149,7 @@ def rows_e2e(doc: Mapping[str, Any]) -> list[Row]:
             "systemd sandbox (check, download, verify, stage, swap, restart, gate)",
             _span(updater),
             f"naive script {_span(naive)}",
-            f"{ratio:.2f}x",
+            f"{ratio:.3f}x",
             f"<= {doc['goal_ratio']:g}x",
             ratio <= float(doc["goal_ratio"]),
         ),
@@ -258,7 +259,7 @@ def markdown(rows: list[Row]) -> str:
     ]
     for r in rows:
         cells = (r.figure, r.measured, r.baseline, r.ratio, r.goal, verdict[r.met])
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -275,10 +276,26 @@ def _machine() -> dict[str, Any]:
     }
 
 
+def render(path: Path) -> str:
+    """The table of a results document written by an earlier run."""
+    run = json.loads(path.read_text())
+    rows: list[Row] = []
+    for name, bench in run["benches"].items():
+        if bench["result"] is not None:
+            rows.extend(ROWS[name](bench["result"]))
+    return markdown(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run these only")
+    parser.add_argument(
+        "--render", type=Path, help="print the table of a results .json, run nothing"
+    )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        print(render(args.render))
+        return 0
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
