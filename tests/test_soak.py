@@ -13,10 +13,8 @@ publishes on the signed HTTPS test channel, then makes the daemon's scheduled ru
    quarantines the release - the automatic rollback;
 2. a *good* release: installed through the gate and committed (retention GC).
 
-Probation is off: a window short enough for a soak races the probation job's start-up, and a
-window that has nearly run out when its job starts fails a healthy release (a product bug: the
-probes get only the time left, and no result within it counts as UNHEALTHY); a realistic window
-would make each cycle take minutes.
+Probation is off: a realistic window would make each cycle take minutes (probation itself is
+tested in test_probation_flow.py and test_systemd_gate.py).
 
 So each cycle runs two child jobs through the daemon's pipe, lease, watchdog-ping (sd_notify) and
 metrics machinery; ``/metrics`` is scraped every few cycles and must count exactly what happened.
