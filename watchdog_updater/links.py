@@ -94,15 +94,7 @@ def swap_link(layout: Layout, link: Path, version: str) -> None:
         is_dir = False
     if not is_dir:
         raise InstallError(f"refusing to point {link} at {version_dir}: no such version dir")
-    try:
-        st = link.lstat()
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise InstallError(f"cannot inspect {link}: {e.strerror or e}") from e
-    else:
-        if not stat.S_ISLNK(st.st_mode):
-            raise _not_a_link(link)
+    _symlink_exists(link)  # anything but a symlink there is refused, never replaced
     target = layout.link_target_for(version)
     parent = link.parent
     tmp = parent / f"{TEMP_LINK_PREFIX}{link.name}-{secrets.token_hex(6)}"
@@ -123,14 +115,8 @@ def swap_link(layout: Layout, link: Path, version: str) -> None:
 
 def remove_link(link: Path) -> None:
     """Remove the symlink ``link`` if it exists, durably; refuses to remove anything else."""
-    try:
-        st = link.lstat()
-    except FileNotFoundError:
+    if not _symlink_exists(link):
         return
-    except OSError as e:
-        raise InstallError(f"cannot inspect {link}: {e.strerror or e}") from e
-    if not stat.S_ISLNK(st.st_mode):
-        raise _not_a_link(link)
     try:
         link.unlink()
         fsync_dir(link.parent)
@@ -212,6 +198,19 @@ def clean_temp_links(layout: Layout) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return sorted(removed)
+
+
+def _symlink_exists(link: Path) -> bool:
+    """True if ``link`` is a symlink, False if nothing is there; InstallError for anything else."""
+    try:
+        st = link.lstat()
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise InstallError(f"cannot inspect {link}: {e.strerror or e}") from e
+    if not stat.S_ISLNK(st.st_mode):
+        raise _not_a_link(link)
+    return True
 
 
 def _not_a_link(link: Path) -> InstallError:
