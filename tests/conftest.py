@@ -3,7 +3,9 @@ and a hal0 host under a temporary root."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +64,26 @@ def reconfigure(
     host.write_config(
         manifest_base=server.base_url, trusted_root=trusted_root, ca_file=ca.ca_file, extra=extra
     )
+
+
+@pytest.fixture
+def mount_tmpfs() -> Iterator[Callable[[Path, str], None]]:
+    """Mount a tmpfs with the given options (``size=2m``: a small disk); unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, options: str) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        path.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(path)
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)

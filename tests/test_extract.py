@@ -16,7 +16,7 @@ import stat
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -446,28 +446,6 @@ def test_garbage_instead_of_tarball(env: Env) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Disk space: a small tmpfs as the versions dir
-
-
-@pytest.fixture
-def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[[Path, str], None]]:
-    mounted: list[Path] = []
-
-    def mount(path: Path, options: str) -> None:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root")
-        path.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-        mounted.append(path)
-
-    yield mount
-    for path in reversed(mounted):
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def small_disk_env(tmp_path: Path, mount: Callable[[Path, str], None], options: str) -> Env:

@@ -429,3 +429,74 @@ def test_fetch_settings_bounds() -> None:
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             FetchSettings(**bad)
+
+
+# -- large downloads: the .part is written a block behind the network ---------------------------
+
+BIG = os.urandom(5 * 1024 * 1024 + 12_345)  # several writer blocks and a partial last one
+
+
+def test_large_download_truncated_twice_resumes_exactly(
+    server: ReleaseServer, make_fetcher: MakeFetcher, tmp_path: Path
+) -> None:
+    url = server.publish(TARBALL, BIG)
+    server.truncate_after(TARBALL, 2_500_000, times=2)  # breaks inside the second block, twice
+    dest = tmp_path / "hal0.tar.gz"
+    result = make_fetcher().download(url, dest, max_bytes=len(BIG), what="tarball")
+    assert [r.range for r in server.requests_for(TARBALL)] == [
+        None,
+        "bytes=2500000-",
+        "bytes=5000000-",
+    ]
+    assert result.resumed
+    assert result.size == len(BIG)
+    assert result.sha256_hex == hashlib.sha256(BIG).hexdigest()
+    assert dest.read_bytes() == BIG
+
+
+def test_large_download_range_ignored_restarts_exactly(
+    server: ReleaseServer, make_fetcher: MakeFetcher, tmp_path: Path
+) -> None:
+    url = server.publish(TARBALL, BIG)
+    server.truncate_after(TARBALL, 3_000_000)
+    server.ignore_range(TARBALL)
+    dest = tmp_path / "hal0.tar.gz"
+    result = make_fetcher().download(url, dest, max_bytes=len(BIG), what="tarball")
+    assert not result.resumed
+    assert result.sha256_hex == hashlib.sha256(BIG).hexdigest()
+    assert dest.read_bytes() == BIG
+
+
+def test_interrupted_large_download_keeps_every_byte_received(
+    server: ReleaseServer, make_fetcher: MakeFetcher, tmp_path: Path
+) -> None:
+    """A download that fails keeps all it received in the .part, not only whole blocks."""
+    url = server.publish(TARBALL, BIG)
+    server.truncate_after(TARBALL, 1_500_000)
+    dest = tmp_path / "hal0.tar.gz"
+    with pytest.raises(DownloadError, match="broke off"):
+        make_fetcher(retries=0).download(url, dest, max_bytes=len(BIG), what="tarball")
+    assert part_of(dest).read_bytes() == BIG[:1_500_000]
+    server.clear_faults(TARBALL)
+    result = make_fetcher().download(url, dest, max_bytes=len(BIG), what="tarball")
+    assert server.requests_for(TARBALL)[-1].range == "bytes=1500000-"
+    assert result.sha256_hex == hashlib.sha256(BIG).hexdigest()
+
+
+def test_disk_full_during_download(
+    server: ReleaseServer,
+    make_fetcher: MakeFetcher,
+    tmp_path: Path,
+    mount_tmpfs: Callable[[Path, str], None],
+) -> None:
+    """ENOSPC on the writer thread reaches the caller as a DownloadError with a hint."""
+    small = tmp_path / "small"
+    mount_tmpfs(small, "size=2m")
+    url = server.publish(TARBALL, BIG)
+    dest = small / "hal0.tar.gz"
+    with pytest.raises(DownloadError, match="No space left on device") as caught:
+        make_fetcher(retries=0).download(url, dest, max_bytes=len(BIG), what="tarball")
+    assert caught.value.hint is not None and "free disk space" in caught.value.hint
+    assert not dest.exists()
+    part = part_of(dest)
+    assert BIG.startswith(part.read_bytes())  # whatever is on disk is a prefix: resumable

@@ -35,10 +35,8 @@ even a gap in the checks cannot make a write follow a link.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
-import functools
 import math
 import os
 import posixpath
@@ -48,13 +46,14 @@ import subprocess
 import sys
 import tarfile
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NoReturn
 
 from watchdog_updater.errors import DiskSpaceError, InstallError, UnsafeArchiveError
 from watchdog_updater.layout import STAGING_PREFIX, TRASH_PREFIX, VERSION_DIR_PREFIX, Layout
+from watchdog_updater.storage import syncfs
 
 __all__ = [
     "ExtractLimits",
@@ -225,7 +224,7 @@ def _extract(
         if short:
             raise space.shortfall(staging.parent, checker, limits)
         writer.finish(checker.dirs)
-        _syncfs(root)
+        syncfs(root)
     except OSError as e:
         raise _install_error(e, f"unpacking into {staging} failed") from e
     finally:
@@ -824,32 +823,6 @@ class _Stream:
 
 # --------------------------------------------------------------------------------------------
 # Flushing, errors, removal
-
-
-@functools.cache
-def _libc_syncfs() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _syncfs(fd: int) -> None:
-    """Flush the whole filesystem holding ``fd`` in one call (data and metadata)."""
-    syncfs = getattr(os, "syncfs", None) or _libc_syncfs()
-    if syncfs is None:
-        os.sync()
-        return
-    if syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        if err == errno.ENOSYS:
-            os.sync()
-            return
-        raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
 def _install_error(e: OSError, what: str) -> InstallError:

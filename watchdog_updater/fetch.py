@@ -11,9 +11,10 @@ The release server is not trusted to behave. Whatever it does, a fetch ends with
 - **transport**: HTTPS only, except plain HTTP to loopback (tests, a local mirror). Redirects are
   followed by hand, a bounded number of times, every hop re-checked, never from https to http.
 - **integrity of the transfer**: ``download()`` streams into ``<dest>.part`` and hashes SHA-256 in
-  the same pass. A broken transfer resumes with an HTTP ``Range`` request (a ``.part`` left by an
-  earlier process too); a server that ignores ``Range`` is read again from byte zero. The finished
-  file is fsynced and renamed into place, then the directory is fsynced.
+  the same pass (written and hashed a block behind the network: :mod:`.partfile`). A broken
+  transfer resumes with an HTTP ``Range`` request (a ``.part`` left by an earlier process too); a
+  server that ignores ``Range`` is read again from byte zero. The finished file is fsynced and
+  renamed into place, then the directory is fsynced.
 
 Transient failures (transport errors, truncation, HTTP 408/429/5xx) are retried with capped
 exponential back-off and jitter; a refusal (size cap, other 4xx, refused redirect, untrusted TLS
@@ -27,11 +28,7 @@ A :class:`Fetcher` holds one connection pool; it is not meant to be shared betwe
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import ipaddress
-import os
 import random
 import re
 import ssl
@@ -41,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Protocol, Self
+from typing import Protocol, Self
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -49,6 +46,7 @@ import httpx
 from watchdog_updater.errors import ConfigError, DownloadError, SizeLimitError
 from watchdog_updater.fetch_settings import BACKOFF_CAP_S as _BACKOFF_CAP_S
 from watchdog_updater.fetch_settings import FetchSettings
+from watchdog_updater.partfile import PartFile
 
 __all__ = [
     "DownloadResult",
@@ -64,9 +62,6 @@ ProgressCallback = Callable[[int, int | None], None]
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _RETRYABLE_4XX = frozenset({408, 429})
 _RETRY_AFTER_CAP_S = 60.0  # a server's Retry-After is honoured up to this
-_REHASH_CHUNK = 1024 * 1024  # reading a leftover .part back to restore the hash state
-_WRITE_BUFFER = 1024 * 1024  # bytes buffered before a write(2) to the .part file
-_WRITEBACK_EVERY = 32 * 1024 * 1024  # bytes written between two early-writeback hints
 
 _CONTENT_RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d{1,19})")
@@ -192,12 +187,13 @@ class Fetcher:
         cap = _cap(max_bytes, expected_size, what)
         require_secure_url(url)
         part = dest.with_name(dest.name + ".part")
-        sink = _PartFileSink.open(part, cap=cap, what=what)
+        sink = PartFile.open(part, cap=cap, what=what)
         try:
             self._retrieve(
                 url, sink, cap=cap, expected_size=expected_size, what=what, progress=progress
             )
-            return sink.commit(dest)
+            digest = sink.commit(dest)
+            return DownloadResult(dest, sink.size, digest, resumed=sink.resumed)
         except SizeLimitError:
             sink.discard()
             raise
@@ -633,133 +629,3 @@ class _MemorySink:
 
     def getvalue(self) -> bytes:
         return bytes(self._buffer)
-
-
-class _PartFileSink:
-    """An append-only ``.part`` file with a running SHA-256 of its content."""
-
-    def __init__(self, path: Path, file: IO[bytes], what: str) -> None:
-        self._path = path
-        self._file = file
-        self._what = what
-        self._hash = hashlib.sha256()
-        self._size = 0
-        self._unadvised = 0  # bytes written since the last writeback hint
-        self.resumed = False
-
-    @classmethod
-    def open(cls, path: Path, *, cap: int, what: str) -> _PartFileSink:
-        """Open (or create) ``path``; existing content up to ``cap`` bytes is kept for resuming."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o644)
-            file = os.fdopen(fd, "ab", buffering=_WRITE_BUFFER)
-        except OSError as e:
-            raise _disk_error(e, f"cannot open {path} for {what}") from e
-        sink = cls(path, file, what)
-        try:
-            sink._adopt_existing(cap)
-        except BaseException:
-            file.close()
-            raise
-        return sink
-
-    def _adopt_existing(self, cap: int) -> None:
-        try:
-            existing = os.fstat(self._file.fileno()).st_size
-            if existing > cap:
-                self._file.truncate(0)
-                return
-            if existing:
-                # Restore the hash state once from disk; from here on the hash follows the writes.
-                with self._path.open("rb") as f:
-                    remaining = existing
-                    while remaining > 0:
-                        block = f.read(min(_REHASH_CHUNK, remaining))
-                        if not block:
-                            break
-                        self._hash.update(block)
-                        remaining -= len(block)
-                self._size = existing - remaining
-                if remaining:
-                    self._file.truncate(self._size)
-        except OSError as e:
-            raise _disk_error(e, f"cannot read back the partial download {self._path}") from e
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def write(self, data: bytes) -> None:
-        try:
-            self._file.write(data)
-            self._unadvised += len(data)
-            if self._unadvised >= _WRITEBACK_EVERY:
-                self._start_writeback()
-        except OSError as e:
-            raise _disk_error(e, f"cannot write {self._path} for {self._what}") from e
-        self._hash.update(data)
-        self._size += len(data)
-
-    def _start_writeback(self) -> None:
-        """Let the kernel write back what we have so far while the download goes on.
-
-        POSIX_FADV_DONTNEED starts writeback of the dirty pages and drops the clean ones: the
-        final fsync has less left to do, and a large download does not evict the page cache.
-        """
-        self._unadvised = 0
-        if hasattr(os, "posix_fadvise"):
-            self._file.flush()
-            with contextlib.suppress(OSError):  # advisory only
-                os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-    def restart(self) -> None:
-        try:
-            self._file.flush()
-            self._file.truncate(0)
-        except OSError as e:
-            raise _disk_error(e, f"cannot truncate {self._path}") from e
-        self._hash = hashlib.sha256()
-        self._size = 0
-        self.resumed = False
-
-    def commit(self, dest: Path) -> DownloadResult:
-        """fsync, rename to ``dest``, fsync the directory."""
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._path.replace(dest)
-            _fsync_dir(dest.parent)
-        except OSError as e:
-            raise _disk_error(e, f"cannot move the finished download into place at {dest}") from e
-        return DownloadResult(
-            path=dest, size=self._size, sha256_hex=self._hash.hexdigest(), resumed=self.resumed
-        )
-
-    def discard(self) -> None:
-        """Delete the .part (best effort: a later open truncates an oversized one anyway)."""
-        self.close()
-        with contextlib.suppress(OSError):
-            self._path.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        # On failure the data stays in an abandoned .part; the next open reads its real size.
-        with contextlib.suppress(OSError):
-            self._file.close()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _disk_error(e: OSError, message: str) -> DownloadError:
-    if e.errno == errno.ENOSPC:
-        hint = "free disk space in the download directory and try again"
-    else:
-        hint = "check that the download directory exists and is writable"
-    return DownloadError(f"{message}: {e}", hint=hint)

@@ -19,11 +19,13 @@ Probes:
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -311,6 +313,17 @@ class _Answer:
         return value if isinstance(value, dict) else None
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default verification (certifi, no environment), built once per process.
+
+    Every probe call opens its own client; left to itself each would parse the CA bundle again,
+    and a round of concurrent probes held one copy per thread (about 1 MiB each, measured in the
+    update's peak RSS). An SSLContext may be shared between threads. A race may build two; one wins.
+    """
+    return httpx.create_ssl_context(trust_env=False)
+
+
 def _http_get(url: str, deadline_s: float, cap_s: float) -> _Answer:
     """GET ``url``; every phase (connect, write, each read, pool) is bounded by the time left.
 
@@ -323,7 +336,9 @@ def _http_get(url: str, deadline_s: float, cap_s: float) -> _Answer:
     body = bytearray()
     too_large = False
     with (
-        httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False) as client,
+        httpx.Client(
+            timeout=timeout, verify=_tls_context(), trust_env=False, follow_redirects=False
+        ) as client,
         client.stream("GET", url, headers={"Accept": "application/json"}) as response,
     ):
         for chunk in response.iter_bytes():

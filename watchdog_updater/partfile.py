@@ -1,0 +1,186 @@
+"""The ``.part`` file of a download: appended to, hashed, made durable, renamed into place.
+
+Receiving is the network's thread; writing and hashing happen on one helper thread, a block at a
+time, while the next block is being received. On TLS this matters: a 16 KiB record is decrypted
+and parsed in Python per read, and hashing and writing the previous megabyte alongside (both
+release the GIL) takes them off the critical path. At most two blocks are held (the one being
+filled and the one being written), so memory stays bounded whatever the size of the download.
+
+A disk error raised on the helper thread surfaces at the next :meth:`PartFile.write`, or at
+:meth:`PartFile.commit`; either way as :class:`DownloadError` with a hint. The file's content is
+always a prefix of what was received (all of it after :meth:`PartFile.close`), so an interrupted
+download resumes from the file's real size (the hash state is rebuilt from disk when the
+``.part`` is opened again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import IO
+
+from watchdog_updater.errors import DownloadError
+from watchdog_updater.storage import fsync_dir, start_writeback
+
+__all__ = ["PartFile", "disk_error"]
+
+_REHASH_CHUNK = 1024 * 1024  # reading a leftover .part back to restore the hash state
+_BLOCK = 1024 * 1024  # bytes handed to the writer thread at a time
+_WRITEBACK_EVERY = 32 * 1024 * 1024  # bytes written between two early-writeback requests
+
+
+class PartFile:
+    """An append-only ``.part`` file with a running SHA-256 of its content.
+
+    Not thread-safe: one receiving thread calls :meth:`write`; the writer thread is private.
+    """
+
+    def __init__(self, path: Path, file: IO[bytes], what: str) -> None:
+        self._path = path
+        self._file = file
+        self._what = what
+        self._hash = hashlib.sha256()
+        self._size = 0  # bytes accepted (received), written or not yet
+        self._filling = bytearray()
+        self._in_flight: Future[None] | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="download-writer")
+        self._unflushed = 0  # bytes written since the last early-writeback request
+        self.resumed = False
+
+    @classmethod
+    def open(cls, path: Path, *, cap: int, what: str) -> PartFile:
+        """Open (or create) ``path``; existing content up to ``cap`` bytes is kept for resuming."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o644)
+            file = os.fdopen(fd, "ab", buffering=0)
+        except OSError as e:
+            raise disk_error(e, f"cannot open {path} for {what}") from e
+        part = cls(path, file, what)
+        try:
+            part._adopt_existing(cap)
+        except BaseException:
+            part.close()
+            raise
+        return part
+
+    def _adopt_existing(self, cap: int) -> None:
+        try:
+            existing = os.fstat(self._file.fileno()).st_size
+            if existing > cap:
+                self._file.truncate(0)
+                return
+            if existing:
+                # Restore the hash state once from disk; from here on the hash follows the writes.
+                with self._path.open("rb") as f:
+                    remaining = existing
+                    while remaining > 0:
+                        block = f.read(min(_REHASH_CHUNK, remaining))
+                        if not block:
+                            break
+                        self._hash.update(block)
+                        remaining -= len(block)
+                self._size = existing - remaining
+                if remaining:
+                    self._file.truncate(self._size)
+        except OSError as e:
+            raise disk_error(e, f"cannot read back the partial download {self._path}") from e
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        """Accept ``data``; raises :class:`DownloadError` for a failure of an earlier block."""
+        self._filling += data
+        self._size += len(data)
+        if len(self._filling) >= _BLOCK:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Wait for the block in flight (re-raising its error), then send the filled one."""
+        self._wait_in_flight()
+        if self._filling:
+            block, self._filling = self._filling, bytearray()
+            self._in_flight = self._writer.submit(self._append, block)
+
+    def _wait_in_flight(self) -> None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+    def _append(self, block: bytearray) -> None:
+        """Writer thread: write the whole block, then hash it."""
+        try:
+            fd = self._file.fileno()
+            view = memoryview(block)
+            while view:
+                view = view[os.write(fd, view) :]
+            self._unflushed += len(block)
+            if self._unflushed >= _WRITEBACK_EVERY:
+                # The final fsync has less left to do; the pages stay cached for the unpacking.
+                self._unflushed = 0
+                start_writeback(fd)
+        except OSError as e:
+            raise disk_error(e, f"cannot write {self._path} for {self._what}") from e
+        self._hash.update(block)
+
+    def restart(self) -> None:
+        """Drop everything: the server ignored our Range request and sends from byte zero."""
+        self._filling.clear()
+        with contextlib.suppress(DownloadError):  # the data it failed to write is dropped anyway
+            self._wait_in_flight()
+        try:
+            self._file.truncate(0)
+        except OSError as e:
+            raise disk_error(e, f"cannot truncate {self._path}") from e
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self.resumed = False
+
+    def commit(self, dest: Path) -> str:
+        """Write what is left, fsync, rename to ``dest``, fsync the directory; the SHA-256 hex."""
+        self._hand_over()
+        self._wait_in_flight()
+        try:
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._path.replace(dest)
+            fsync_dir(dest.parent)
+        except OSError as e:
+            raise disk_error(e, f"cannot move the finished download into place at {dest}") from e
+        finally:
+            self._writer.shutdown()
+        return self._hash.hexdigest()
+
+    def discard(self) -> None:
+        """Delete the .part (best effort: a later open truncates an oversized one anyway)."""
+        self._filling.clear()
+        self.close()
+        with contextlib.suppress(OSError):
+            self._path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Write what was received (best effort: the next attempt resumes from it), then close.
+
+        After a write error the file holds a shorter prefix of the download; the next open reads
+        back whatever is there.
+        """
+        with contextlib.suppress(DownloadError):
+            self._hand_over()
+            self._wait_in_flight()
+        self._writer.shutdown()
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+
+def disk_error(e: OSError, message: str) -> DownloadError:
+    if e.errno == errno.ENOSPC:
+        hint = "free disk space in the download directory and try again"
+    else:
+        hint = "check that the download directory exists and is writable"
+    return DownloadError(f"{message}: {e}", hint=hint)
