@@ -1,7 +1,8 @@
 """Heavy libraries are imported only by the work that needs them (the cold-start goal of issue 5).
 
 Each case runs the real CLI in a fresh interpreter and reports which of the heavy modules ended up
-in ``sys.modules``: sigstore (~0.5 s of imports) only once a verification actually runs.
+in ``sys.modules``: sigstore (~0.5 s of imports) only once a verification actually runs; rich
+(~4 MiB) only for human output.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tests.kit.channel import ReleaseChannel
 from tests.kit.host import Host
 from tests.kit.tls import TestCA
 
-HEAVY = ("sigstore.models", "sigstore.verify", "pystemd", "prometheus_client")
+HEAVY = ("sigstore.models", "sigstore.verify", "pystemd", "prometheus_client", "rich.console")
 
 _PROBE = """
 import json, sys
@@ -73,3 +74,10 @@ def test_a_check_that_verifies_imports_sigstore(host: Host, channel: ReleaseChan
     code, loaded = _run_cli(host.root, "update", "--check", "--json")
     assert code == 100  # UPDATE_AVAILABLE: 1.1.0 verified and offered
     assert {"sigstore.models", "sigstore.verify"} <= loaded
+    assert "rich.console" not in loaded  # --json: nothing is rendered
+
+
+def test_human_output_loads_rich(host: Host) -> None:
+    code, loaded = _run_cli(host.root, "status")
+    assert code == 0
+    assert loaded == {"rich.console"}

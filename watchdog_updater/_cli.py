@@ -12,10 +12,13 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from watchdog_updater.errors import ConfigError, Error, ExitCode, PermissionRefused
 from watchdog_updater.journal import Outcome
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["main"]
 
@@ -117,20 +120,29 @@ def _parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- output
 
 
+def _console(*, stderr: bool) -> Console:
+    from rich.console import Console
+
+    no_color = bool(os.environ.get("NO_COLOR"))
+    # emoji=False: "slot:a:" must not become an emoji; soft_wrap: never break lines for a pipe.
+    return Console(stderr=stderr, highlight=False, emoji=False, no_color=no_color, soft_wrap=True)
+
+
 class Output:
     """Human output through rich (no colour off a TTY or with NO_COLOR), or JSON."""
 
     def __init__(self, *, json_mode: bool, verbose: bool) -> None:
-        from rich.console import Console
-
         self.json_mode = json_mode
         self.verbose = verbose
-        no_color = bool(os.environ.get("NO_COLOR"))
-        # emoji=False: "slot:a:" must not become an emoji; soft_wrap: never break lines for a pipe.
-        self.console = Console(highlight=False, emoji=False, no_color=no_color, soft_wrap=True)
-        self.err = Console(
-            stderr=True, highlight=False, emoji=False, no_color=no_color, soft_wrap=True
-        )
+
+    # Built at first use: a --json run (the daemon's, a script's) never loads rich (~4 MiB).
+    @functools.cached_property
+    def console(self) -> Console:
+        return _console(stderr=False)
+
+    @functools.cached_property
+    def err(self) -> Console:
+        return _console(stderr=True)
 
     def emit(self, document: Any, human: Callable[[], None]) -> None:
         if self.json_mode:
