@@ -509,6 +509,9 @@ def test_scheduled_runs_on_the_appliance(tmp_path: Path, sigstore: PrivateSigsto
         assert 'hal0_updater_checks_total{result="available"} 1.0' in metrics
         assert host.current() == "1.0.0"
         assert "next check (auto = false)" in seen and "1.1.0 is available" in seen, seen
+        log = sandbox.log_tail(200)
+        said = [line for line in log.splitlines() if "1.1.0 is available" in line]
+        assert len(said) == 1, log  # the check job's outcome is logged once, not twice
 
         # 3. auto = true: the daemon updates 1.0.0 -> 1.1.0 by itself, gate and all.
         hal0.configure(schedule=SCHEDULE, metrics={"listen": ""})

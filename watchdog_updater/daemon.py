@@ -405,6 +405,7 @@ class _Job:
     buffer: bytes = b""
     summary: dict[str, Any] | None = None
     checked: bool = False
+    check_message: str | None = None  # logged when the job reported its check
     downloaded: int = 0
     stuck_logged: bool = False
     stop_deadline: float | None = None
@@ -775,7 +776,8 @@ class Daemon:
                 self.metrics.record_check(result)
             except ValueError:
                 log.warning("unknown check result %r", result)
-            log.info("check: %s", doc.get("message"))
+            job.check_message = str(doc.get("message"))
+            log.info("check: %s", job.check_message)
         elif kind == "done":
             job.summary = doc
 
@@ -836,9 +838,17 @@ class Daemon:
             "status": "error",
             "message": f"{job.kind} job died ({_exit_text(code)}) before reporting a result",
         }
-        self._after_job(job.kind, summary, checked=job.checked)
+        self._after_job(job.kind, summary, checked=job.checked, logged=job.check_message)
 
-    def _after_job(self, kind: str, summary: Mapping[str, Any], *, checked: bool) -> None:
+    def _after_job(
+        self,
+        kind: str,
+        summary: Mapping[str, Any],
+        *,
+        checked: bool,
+        logged: str | None = None,
+    ) -> None:
+        """Act on a job's end; ``logged`` is its check's message, already in the log."""
         status, message = summary.get("status"), str(summary.get("message", ""))
         now = self.clock()
         stopping = self._stop is not None and self._stop.is_set()
@@ -864,7 +874,8 @@ class Daemon:
                 self.metrics.record_job_error(kind)
             self._last = f"{kind} failed: {message}"
             return
-        log.info("%s: %s", kind, message)
+        if message != logged:  # a check, or an update with nothing offered, said it already
+            log.info("%s: %s", kind, message)
         self._last = message if kind != "recover" or message != "nothing to recover" else ""
         if kind in ("recover", "update") or summary.get("outcome") == "committed":
             self._probation_pending = True
@@ -970,11 +981,14 @@ class Daemon:
         check, with ``auto = false`` or outside the window), and exit with the CLI's exit codes."""
         from watchdog_updater.errors import ExitCode
 
+        checked: list[str] = []
+
         def emit(doc: dict[str, Any]) -> None:
             if doc.get("type") == "event" and doc.get("kind") != "probe":
                 log.info("%s", doc.get("message"))
             elif doc.get("type") == "check":
-                log.info("check: %s", doc.get("message"))
+                checked.append(str(doc.get("message")))
+                log.info("check: %s", checked[-1])
 
         recovered = run_job(self.app, "recover", emit)
         if recovered["status"] != "ok":
@@ -992,7 +1006,8 @@ class Daemon:
         summary = run_job(self.app, kind, emit)
         self._write_textfile()
         status = summary["status"]
-        log.info("%s: %s", kind, summary["message"])
+        if summary["message"] not in checked[-1:]:  # else the check's line said it already
+            log.info("%s: %s", kind, summary["message"])
         if status == "busy":
             return int(ExitCode.BUSY)
         if status != "ok":
