@@ -1006,7 +1006,7 @@ class Daemon:
         summary = run_job(self.app, kind, emit)
         self._write_textfile()
         status = summary["status"]
-        if summary["message"] not in checked[-1:]:  # else the check's line said it already
+        if status != "ok" or summary["message"] not in checked[-1:]:  # else the check said it
             log.info("%s: %s", kind, summary["message"])
         if status == "busy":
             return int(ExitCode.BUSY)
