@@ -5,7 +5,8 @@
 Each round brings up fresh appliances (tests/kit/appliance.py: a private systemd running fake hal0
 units from ``current``, a signed channel over HTTPS on loopback) with 1.0.0 running, and publishes
 the same release 2.0.0: the fake hal0 plus bench_install's seeded payload, 20,000 files / 512 MiB
-unpacked (built once, cached in /tmp). Run as root.
+unpacked (built once, cached in /tmp). Run as root. Every appliance is kept until the end of the
+bench (about 1 GiB each), because ext4 creates files slowly for a while after a mass delete.
 
 - updater: ``watchdog-updater update --json`` inside the sandbox: check, download, verify both
   bundles, stage (safe extraction + syncfs), swap, restart hal0-api and OpenWebUI, gate (the
@@ -31,6 +32,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -235,6 +237,11 @@ def run_restart(app: Appliance) -> float:
 # --------------------------------------------------------------------------- driver
 
 
+def _fresh(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -253,32 +260,39 @@ def main(argv: list[str] | None = None) -> int:
     small: list[Run] = []
     naive_sync: list[Run] = []
     contenders = ("updater", "naive", "naive+sync")
-    for r in range(args.rounds):
-        order = contenders[r % 3 :] + contenders[: r % 3]
-        for who in order:
-            with appliance(sigstore=sigstore) as app:
-                published = app.channel.release(VERSION, tarball=tarball)
-                app.channel.publish(published)
-                os.sync()  # neither contender pays for the other's (or the build's) writeback
-                if who == "updater":
-                    updater.append(run_updater(app))
-                elif who == "naive":
-                    restart.append(run_restart(app))
-                    naive.append(run_naive(app, published.manifest))
-                else:
-                    naive_sync.append(run_naive(app, published.manifest, flush=True))
-        if r == 0:  # the same update of a tiny release: is the peak RSS independent of size?
-            with appliance(sigstore=sigstore) as app:
-                app.publish(VERSION)
-                small.append(run_updater(app))
-        u, n = updater[-1], naive[-1]
-        print(
-            f"round {r + 1}: updater {u.seconds:.2f} s, naive {n.seconds:.2f} s, naive + sync "
-            f"{naive_sync[-1].seconds:.2f} s; hal0-api down "
-            f"{u.api_outage_s:.2f} s / {n.api_outage_s:.2f} s (restart alone "
-            f"{restart[-1]:.2f} s); slot failures {u.slot_failures} / {n.slot_failures}",
-            flush=True,
-        )
+    # Every appliance's tree stays until the end (as in bench_install): ext4 creates files much
+    # more slowly for a while after a mass delete, and whoever ran right after one paid for it
+    # (seen: the updater's stage 5.4 s first, 11-12 s after an appliance's teardown).
+    runs_dir = Path(tempfile.mkdtemp(prefix="hal0-e2e-runs-"))
+    try:
+        for r in range(args.rounds):
+            order = contenders[r % 3 :] + contenders[: r % 3]
+            for who in order:
+                with appliance(_fresh(runs_dir / f"{r}-{who}"), sigstore=sigstore) as app:
+                    published = app.channel.release(VERSION, tarball=tarball)
+                    app.channel.publish(published)
+                    os.sync()  # neither contender pays for the other's (or the build's) writeback
+                    if who == "updater":
+                        updater.append(run_updater(app))
+                    elif who == "naive":
+                        restart.append(run_restart(app))
+                        naive.append(run_naive(app, published.manifest))
+                    else:
+                        naive_sync.append(run_naive(app, published.manifest, flush=True))
+            if r == 0:  # the same update of a tiny release: is the peak RSS independent of size?
+                with appliance(_fresh(runs_dir / "tiny"), sigstore=sigstore) as app:
+                    app.publish(VERSION)
+                    small.append(run_updater(app))
+            u, n = updater[-1], naive[-1]
+            print(
+                f"round {r + 1}: updater {u.seconds:.2f} s (stage {u.phases_s.get('stage', 0):.2f}"
+                f" s), naive {n.seconds:.2f} s, naive + sync {naive_sync[-1].seconds:.2f} s; "
+                f"hal0-api down {u.api_outage_s:.2f} s / {n.api_outage_s:.2f} s (restart alone "
+                f"{restart[-1]:.2f} s); slot failures {u.slot_failures} / {n.slot_failures}",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(runs_dir, ignore_errors=True)
 
     phases = {k: _stats([r.phases_s.get(k, 0.0) for r in updater]) for k in updater[0].phases_s}
     result = {
