@@ -22,6 +22,7 @@ from watchdog_updater.health.policy import (
     Verdict,
     decide,
     decide_probation,
+    next_round_in_s,
     observe,
     observe_probation,
     start,
@@ -485,6 +486,75 @@ def test_property_no_early_rollback_without_fatal_or_spent_budget(s: Scenario) -
 
 def _passed(x: ProbeResult) -> bool:
     return x.outcome is PASS and x.duration_s <= 1.0
+
+
+# ------------------------------------------------------------------------------------ cadence
+
+
+def test_startup_rounds_come_sooner_and_back_off_to_the_interval() -> None:
+    state = gate("api", "unit", interval_s=2.0)
+    gaps, gap = [], None
+    for _ in range(5):
+        gap = next_round_in_s(state, gap)
+        gaps.append(gap)
+    assert gaps == [0.25, 0.5, 1.0, 2.0, 2.0]
+    state = feed(state, [r("api", PASS, 0.0), r("unit", FAIL, 0.0)])
+    assert next_round_in_s(state, 0.5) == 1.0  # "unit" never passed: still starting
+    state = observe(state, r("unit", PASS, 0.25))
+    assert next_round_in_s(state, 0.5) == 2.0  # every probe passed once: the interval
+
+
+def test_a_short_interval_caps_the_startup_gap() -> None:
+    assert next_round_in_s(gate(interval_s=0.1), None) == 0.1
+
+
+@st.composite
+def round_scripts(draw: st.DrawFn) -> tuple[GatePolicy, dict[str, list[ProbeOutcome]]]:
+    """Per probe: the outcome of each round (PASS, FAIL, no FATAL), start-up failures first."""
+    policy = GatePolicy(
+        consecutive=draw(st.integers(1, 4)),
+        interval_s=draw(st.sampled_from([0.1, 0.5, 2.0, 7.0])),
+        deadline_s=200.0,
+        failure_budget=draw(st.integers(0, 3)),
+        probe_timeout_s=0.1,
+    )
+    scripts = {}
+    for name in NAMES[: draw(st.integers(1, 3))]:
+        startup = [FAIL] * draw(st.integers(0, 12))
+        rest = draw(st.lists(st.sampled_from([PASS] * 5 + [FAIL]), min_size=1, max_size=30))
+        scripts[name] = startup + rest
+    return policy, scripts
+
+
+@settings(max_examples=200, deadline=None)
+@given(round_scripts())
+def test_property_sooner_startup_rounds_never_shorten_the_streak(
+    case: tuple[GatePolicy, dict[str, list[ProbeOutcome]]],
+) -> None:
+    """Drive the gate round by round with the cadence: a HEALTHY verdict always rests on the last
+    ``consecutive`` results of every probe spanning at least ``(consecutive - 1) * interval``;
+    gaps stay within [0.25 s or the interval, the interval] and only shrink before every probe
+    has passed."""
+    policy, scripts = case
+    state = start(policy, scripts, 0.0)
+    now, gap = 0.0, None
+    times: dict[str, list[float]] = {name: [] for name in scripts}
+    for i in range(max(len(v) for v in scripts.values()) + 5 * policy.consecutive):
+        for name, script in scripts.items():
+            state = observe(state, r(name, script[min(i, len(script) - 1)], now, took=0.0))
+            times[name].append(now)
+        decision = decide(state, now)
+        if decision.decided:
+            break
+        gap = next_round_in_s(state, gap)
+        assert min(0.25, policy.interval_s) <= gap <= policy.interval_s
+        if all(s.ever_passed for s in state.summaries.values()):
+            assert gap == policy.interval_s
+        now += gap
+    if decision.verdict is Verdict.HEALTHY:
+        for name in scripts:
+            last = times[name][-policy.consecutive :]
+            assert last[-1] - last[0] >= (policy.consecutive - 1) * policy.interval_s - 1e-9
 
 
 @st.composite

@@ -720,7 +720,31 @@ def test_run_gate_slow_start_then_healthy() -> None:
     decision = run_gate([api], GatePolicy(), clock=clock, sleep=clock.sleep)
     assert decision.verdict is Verdict.HEALTHY
     assert api.calls == 13
-    assert decision.elapsed_s == 24.0
+    # Start-up rounds 0.25, 0.5, 1 s apart, then interval_s (2 s): first pass at 15.75 s, then two
+    # more rounds at the interval (the streak still spans 4 s).
+    assert clock.sleeps == [0.25, 0.5, 1.0] + [2.0] * 9
+    assert decision.elapsed_s == 19.75
+
+
+def test_run_gate_polls_sooner_only_until_every_probe_passed() -> None:
+    """A service up after ~0.5 s is seen at 0.75 s, not 2 s; the streak keeps its 2 intervals."""
+    clock = FakeClock()
+    seen: list[ProbeResult] = []
+    probes = [Scripted("unit", PASS), Scripted("api", FAIL, FAIL, PASS)]
+    decision = run_gate(probes, GatePolicy(), clock=clock, sleep=clock.sleep, on_result=seen.append)
+    assert decision.verdict is Verdict.HEALTHY
+    assert clock.sleeps == [0.25, 0.5, 2.0, 2.0]
+    assert decision.elapsed_s == 4.75  # was 8.0 with every round interval_s apart
+    api_passes = [r.at_s for r in seen if r.probe == "api" and r.outcome is PASS]
+    assert api_passes == [1000.75, 1002.75, 1004.75]
+
+
+def test_run_gate_catches_a_crash_loop_at_its_first_restart() -> None:
+    clock = FakeClock()
+    probes = [Scripted("unit", FAIL, FAIL, FAIL, FATAL), Scripted("api", FAIL)]
+    decision = run_gate(probes, GatePolicy(), clock=clock, sleep=clock.sleep)
+    assert decision.verdict is Verdict.UNHEALTHY
+    assert decision.elapsed_s == 1.75  # 0.25 + 0.5 + 1.0: the fourth round, not at 6 s
 
 
 def test_run_gate_crash_loop_returns_without_waiting(release: threading.Event) -> None:

@@ -25,6 +25,13 @@ A gate opens at ``start_s`` and its window is ``[start_s, start_s + deadline_s)`
   reason names every probe that never became healthy with its last evidence. Results stamped at or
   after the deadline (or before the start) are ignored, so a late pass cannot turn a timed-out gate
   healthy.
+- **Cadence.** Rounds start ``interval_s`` apart once every probe has passed at least once. Until
+  then the services are still starting, and rounds come sooner (:func:`next_round_in_s`: 0.25 s,
+  doubling up to ``interval_s``) so a service that is up in 300 ms is not first seen a whole
+  interval later, and a crash loop is caught at its first restart. The streak rule is untouched:
+  the last probe to pass for the first time still needs ``consecutive - 1`` more rounds, each
+  ``interval_s`` apart, so every probe's last ``consecutive`` results span at least
+  ``(consecutive - 1) * interval_s``, as before.
 - **Monotone.** The first verdict reached from results (HEALTHY, or UNHEALTHY by FATAL or budget) is
   frozen in the state: later results are ignored. Together with the deadline rule, once
   :func:`decide` returns a verdict other than PENDING it returns that verdict forever after.
@@ -61,6 +68,7 @@ __all__ = [
     "Verdict",
     "decide",
     "decide_probation",
+    "next_round_in_s",
     "observe",
     "observe_probation",
     "start",
@@ -69,6 +77,9 @@ __all__ = [
 
 # Evidence is bounded everywhere it is stored or printed.
 MAX_DETAIL_CHARS = 1000
+
+#: The first gap between rounds while some probe has never passed; doubled each round after.
+STARTUP_POLL_S = 0.25
 
 
 class ProbeOutcome(enum.Enum):
@@ -390,6 +401,17 @@ def _settle_gate(
             None,
         )
     return None
+
+
+def next_round_in_s(state: GateState, previous_s: float | None) -> float:
+    """Seconds from the start of this round to the start of the next (see *Cadence* above).
+
+    ``previous_s`` is what this returned for the round before (None after the first round).
+    """
+    interval = state.policy.interval_s
+    if all(s.ever_passed for s in state.summaries.values()):
+        return interval
+    return min(interval, STARTUP_POLL_S if previous_s is None else 2 * previous_s)
 
 
 def decide(state: GateState, now_s: float) -> GateDecision:

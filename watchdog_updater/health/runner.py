@@ -1,7 +1,8 @@
 """Drive the probes against the pure policy until a verdict: the gate and probation loops.
 
 Rounds. Every ``interval_s`` (measured from the start of one round to the start of the next; a
-round that overruns is followed at once by the next, never by a burst) all probes are called, each
+round that overruns is followed at once by the next, never by a burst; the gate starts rounds
+sooner while some probe has never passed: :func:`~.policy.next_round_in_s`) all probes are called, each
 in its own daemon worker thread and all at once, with the deadline ``time.monotonic() +
 probe_timeout_s``. Results are folded into the policy as they arrive, so a FATAL ends the gate
 without waiting for slower probes of the same round.
@@ -37,6 +38,7 @@ from watchdog_updater.health.policy import (
     ProbeResult,
     decide,
     decide_probation,
+    next_round_in_s,
     observe,
     observe_probation,
     start,
@@ -168,7 +170,7 @@ def _drive(
     observe_fn: Callable[[_S, ProbeResult], _S],
     decide_fn: Callable[[_S, float], GateDecision],
     end_at_s: float,
-    interval_s: float,
+    gap_fn: Callable[[_S, float | None], float],
     probe_timeout_s: float,
     clock: Clock,
     sleep: Sleep,
@@ -180,6 +182,7 @@ def _drive(
         raise ValueError(f"abandon_slack_s must be >= 0, got {abandon_slack_s!r}")
     rounds = _Rounds(named, probe_timeout_s, abandon_slack_s)
     next_round_s = clock()
+    gap_s: float | None = None
     while True:
         decision = decide_fn(state, clock())
         if decision.decided:
@@ -192,7 +195,8 @@ def _drive(
             decision = decide_fn(state, clock())
             if decision.decided:
                 return decision
-        next_round_s = max(next_round_s + interval_s, clock())
+        gap_s = gap_fn(state, gap_s)
+        next_round_s = max(next_round_s + gap_s, clock())
         _sleep_until(min(next_round_s, end_at_s), clock, sleep, should_stop)
 
 
@@ -230,7 +234,7 @@ def run_gate(
         observe_fn=observe,
         decide_fn=decide,
         end_at_s=state.deadline_at_s,
-        interval_s=policy.interval_s,
+        gap_fn=next_round_in_s,
         probe_timeout_s=policy.probe_timeout_s,
         clock=clock,
         sleep=sleep,
@@ -265,7 +269,7 @@ def run_probation(
         observe_fn=observe_probation,
         decide_fn=decide_probation,
         end_at_s=state.end_at_s,
-        interval_s=policy.interval_s,
+        gap_fn=lambda _state, _previous: policy.interval_s,
         probe_timeout_s=policy.probe_timeout_s,
         clock=clock,
         sleep=sleep,
