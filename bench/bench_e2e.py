@@ -1,6 +1,6 @@
 """End-to-end update versus the naive script, on the systemd sandbox (issue 8).
 
-    python -m bench.bench_e2e [--rounds 3] [--json]
+    python -m bench.bench_e2e [--rounds 5] [--json]
 
 Each round brings up fresh appliances (tests/kit/appliance.py: a private systemd running fake hal0
 units from ``current``, a signed channel over HTTPS on loopback) with 1.0.0 running, and publishes
@@ -248,7 +248,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
 

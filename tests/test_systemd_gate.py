@@ -172,7 +172,8 @@ def test_flaky_probe_does_not_roll_back(hal0: Appliance) -> None:
     assert code == 0, doc
     failures = {p["probe"]: p["failures_after_first_pass"] for p in doc["gate"]["probes"]}
     assert failures["hal0-api"] >= 1, doc["gate"]  # the flake happened, and was tolerated
-    assert api_version(hal0) == "1.1.0"
+    # Every 5th answer is a 500 by design: two requests in a row cannot both be one.
+    assert {api_version(hal0), api_version(hal0)} - {None} == {"1.1.0"}
 
 
 def test_slot_never_loaded_fails_the_gate(hal0: Appliance) -> None:
