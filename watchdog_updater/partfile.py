@@ -126,6 +126,8 @@ class PartFile:
                 in_flight.result()
             except DownloadError as e:
                 self._failure = e
+            except Exception as e:  # not an I/O error, but the block is no less lost
+                self._failure = DownloadError(f"writing {self._path} failed: {e!r}")
         if self._failure is not None:
             # Writing on after a failed block would leave a gap: the file must stay a prefix.
             raise self._failure

@@ -2,10 +2,10 @@
 
 Rounds. Every ``interval_s`` (measured from the start of one round to the start of the next; a
 round that overruns is followed at once by the next, never by a burst; the gate starts rounds
-sooner while some probe has never passed: :func:`~.policy.next_round_in_s`) all probes are called, each
-in its own daemon worker thread and all at once, with the deadline ``time.monotonic() +
-probe_timeout_s``. Results are folded into the policy as they arrive, so a FATAL ends the gate
-without waiting for slower probes of the same round.
+sooner while some probe has never passed: :func:`~.policy.next_round_in_s`) all probes are
+called, each in its own daemon worker thread and all at once, with the deadline
+``time.monotonic() + probe_timeout_s``. Results are folded into the policy as they arrive, so a
+FATAL ends the gate without waiting for slower probes of the same round.
 
 Hard limits. The runner waits for a round at most ``probe_timeout_s + abandon_slack_s`` seconds
 (real time) and never past the gate's deadline. A probe still running then is *abandoned*: it gets
