@@ -230,7 +230,7 @@ def test_release_made_by_gnu_tar(env: Env) -> None:
 def inflater(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """gzip inflated by python-isal (a dependency), or by the stdlib's zlib where it is missing."""
     if request.param == "zlib":
-        monkeypatch.setattr(extract, "_inflater", lambda: [])
+        monkeypatch.setattr(extract, "_inflater", lambda: ())
     else:
         assert extract._inflater(), "python-isal is a dependency: the child must find it"
     return str(request.param)

@@ -684,18 +684,13 @@ except ERRORS as e:
 """
 
 
-def _inflater() -> list[str]:
-    """The inflating child's extra argument: where to import python-isal from, if installed."""
-    path = _isal_path()
-    return [path] if path is not None else []
-
-
 @functools.cache
-def _isal_path() -> str | None:
+def _inflater() -> tuple[str, ...]:
+    """The inflating child's extra argument: where to import python-isal from, if installed."""
     spec = importlib.util.find_spec("isal")
     if spec is None or not spec.submodule_search_locations:
-        return None
-    return str(Path(next(iter(spec.submodule_search_locations))).parent)
+        return ()
+    return (str(Path(next(iter(spec.submodule_search_locations))).parent),)
 
 
 class _Stream:

@@ -26,7 +26,7 @@ from typing import IO
 from watchdog_updater.errors import DownloadError
 from watchdog_updater.storage import fsync_dir, start_writeback
 
-__all__ = ["PartFile", "disk_error"]
+__all__ = ["PartFile"]
 
 _REHASH_CHUNK = 1024 * 1024  # reading a leftover .part back to restore the hash state
 _BLOCK = 1024 * 1024  # bytes handed to the writer thread at a time
@@ -64,7 +64,7 @@ class PartFile:
             fd = os.open(path, flags, 0o644)
             file = os.fdopen(fd, "ab", buffering=0)
         except OSError as e:
-            raise disk_error(e, f"cannot open {path} for {what}") from e
+            raise _disk_error(e, f"cannot open {path} for {what}") from e
         part = cls(path, file, what)
         try:
             part._adopt_existing(cap)
@@ -93,7 +93,7 @@ class PartFile:
                 if remaining:
                     self._file.truncate(self._size)
         except OSError as e:
-            raise disk_error(e, f"cannot read back the partial download {self._path}") from e
+            raise _disk_error(e, f"cannot read back the partial download {self._path}") from e
 
     @property
     def size(self) -> int:
@@ -145,7 +145,7 @@ class PartFile:
                 self._unflushed = 0
                 start_writeback(fd)
         except OSError as e:
-            raise disk_error(e, f"cannot write {self._path} for {self._what}") from e
+            raise _disk_error(e, f"cannot write {self._path} for {self._what}") from e
         self._hash.update(block)
 
     def restart(self) -> None:
@@ -157,7 +157,7 @@ class PartFile:
         try:
             self._file.truncate(0)
         except OSError as e:
-            raise disk_error(e, f"cannot truncate {self._path}") from e
+            raise _disk_error(e, f"cannot truncate {self._path}") from e
         self._hash = hashlib.sha256()
         self._size = 0
         self.resumed = False
@@ -172,7 +172,7 @@ class PartFile:
             self._path.replace(dest)
             fsync_dir(dest.parent)
         except OSError as e:
-            raise disk_error(e, f"cannot move the finished download into place at {dest}") from e
+            raise _disk_error(e, f"cannot move the finished download into place at {dest}") from e
         finally:
             self._writer.shutdown()
         return self._hash.hexdigest()
@@ -198,7 +198,7 @@ class PartFile:
             self._file.close()
 
 
-def disk_error(e: OSError, message: str) -> DownloadError:
+def _disk_error(e: OSError, message: str) -> DownloadError:
     if e.errno == errno.ENOSPC:
         hint = "free disk space in the download directory and try again"
     else:
