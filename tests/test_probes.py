@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit.tls import TestCA
 from watchdog_updater.errors import ConfigError, ServiceError
 from watchdog_updater.health import (
     CommandProbe,
@@ -30,6 +32,7 @@ from watchdog_updater.health import (
     UnitProbe,
     Verdict,
     discover_slots,
+    probes,
     run_gate,
     run_probation,
     run_probe,
@@ -84,9 +87,23 @@ class _Server(ThreadingHTTPServer):
 
 @pytest.fixture
 def http() -> Iterator[Server]:
+    yield from _serve(None)
+
+
+@pytest.fixture
+def https(test_ca: TestCA) -> Iterator[Server]:
+    """Served over TLS with a certificate from the test CA, which certifi (and so an
+    ``https://`` probe) does not trust."""
+    yield from _serve(test_ca.server_context())
+
+
+def _serve(tls: ssl.SSLContext | None) -> Iterator[Server]:
     httpd = _Server(("127.0.0.1", 0), _Handler)
     port = httpd.server_address[1]
-    httpd.spec = Server(f"http://127.0.0.1:{port}", {}, threading.Event())
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+    scheme = "http" if tls is None else "https"
+    httpd.spec = Server(f"{scheme}://127.0.0.1:{port}", {}, threading.Event())
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
@@ -282,6 +299,31 @@ def test_http_probe_refuses_urls_that_are_not_loopback_or_https(url: str) -> Non
 )
 def test_http_probe_accepts_https_and_loopback(url: str) -> None:
     assert HttpProbe("x", url).url == url
+
+
+def test_https_probe_verifies_the_certificate(https: Server) -> None:
+    https.routes["/x"] = ok({"status": "ok"})
+    result = HttpProbe("x", f"{https.base}/x").check(soon())
+    assert result.outcome is FAIL
+    assert "CERTIFICATE_VERIFY_FAILED" in result.detail
+
+
+def test_http_probe_never_loads_the_ca_bundle(http: Server) -> None:
+    """certifi's bundle costs ~1.9 MiB of RSS; a plain-HTTP probe has no use for it."""
+    http.routes["/x"] = ok({"status": "ok"})
+    probes._tls_context.cache_clear()
+    assert HttpProbe("x", f"{http.base}/x").check(soon()).outcome is PASS
+    assert probes._tls_context.cache_info().misses == 0
+
+
+def test_the_http_probes_context_trusts_no_certificate(https: Server) -> None:
+    """Should a plain-HTTP probe's context ever carry a TLS connection, it fails closed."""
+    host, port = https.base.removeprefix("https://").split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        probes._trust_nothing_context().wrap_socket(raw, server_hostname=host)
 
 
 def test_http_probe_default_is_hal0_api() -> None:
