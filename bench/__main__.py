@@ -140,6 +140,15 @@ def rows_e2e(doc: Mapping[str, Any]) -> list[Row]:
     updater, naive = _stat_values(doc["updater_s"]), _stat_values(doc["naive_s"])
     ratio = float(doc["ratio"])
     rss = float(doc["updater_peak_rss_mib"]["median"])
+    floors = doc.get("import_floor_rss_mib")  # absent from results before it was measured
+    floor_cell, floor_ratio = "-", "-"
+    if floors is not None:
+        floor = float(floors["everything an update imports"])
+        floor_cell = (
+            f"import floor {floor:.1f} MiB (python + sigstore.verify "
+            f"{float(floors['python + sigstore.verify']):.1f})"
+        )
+        floor_ratio = f"{rss / floor:.2f}x"
     outage = _stat_values(doc["api_outage_updater_s"])
     restart = _stat_values(doc["api_outage_restart_s"])
     outage_ratio = statistics.median(outage) / statistics.median(restart)
@@ -164,8 +173,8 @@ def rows_e2e(doc: Mapping[str, Any]) -> list[Row]:
         Row(
             "peak RSS during an update (largest process); tiny release for comparison",
             f"{rss:.1f} MiB; tiny {doc['small_release_peak_rss_mib']:.1f} MiB",
-            "-",
-            "-",
+            floor_cell,
+            floor_ratio,
             f"<= {doc['goal_rss_mib']:g} MiB, independent of size",
             rss <= float(doc["goal_rss_mib"]),
         ),

@@ -22,7 +22,8 @@ bench (about 1 GiB each), because ext4 creates files slowly for a while after a 
 During each run a poller asks hal0-api's health endpoint and every slot every 20 ms (a fresh
 connection each time): hal0-api's unavailable time is the longest stretch between a failed answer
 and the next good one; failed slot requests are counted. The updater's peak RSS is the largest
-process of its tree (``wait4``). The figure of merit is the ratio of the medians.
+process of its tree (``wait4``); its baseline is the import floor, a bare interpreter that imports
+what an update imports and does nothing else. The figure of merit is the ratio of the medians.
 """
 
 from __future__ import annotations
@@ -178,6 +179,45 @@ def _measured(argv: list[str]) -> tuple[int, float, float]:
     return proc.returncode, elapsed, peak_kib / 1024
 
 
+# What an update imports, named by its leaf modules (taken from ``sys.modules`` at the end of a
+# real ``update --json``): importing them into a bare interpreter, and doing nothing else, is the
+# floor under the updater's peak RSS, measured in the same go as the updates.
+UPDATE_IMPORTS = (
+    "watchdog_updater._cli",
+    "watchdog_updater.app",
+    "watchdog_updater.updater",
+    "watchdog_updater.fetch",
+    "watchdog_updater.partfile",
+    "watchdog_updater.extract",
+    "watchdog_updater.health.runner",
+    "watchdog_updater.health.probes",
+    "watchdog_updater.services",
+    "httpx",
+    "sigstore.verify",
+    "sigstore.hashes",
+    "pystemd.dbuslib",
+)
+FLOORS = {
+    "python": "pass",
+    "python + sigstore.verify": "import sigstore.verify",
+    "everything an update imports": "import " + ", ".join(UPDATE_IMPORTS),
+}
+
+
+def import_floors(runs: int = 3) -> dict[str, float]:
+    """Peak RSS (MiB, median of ``runs``) of a bare interpreter running each of :data:`FLOORS`."""
+    floors = {}
+    for name, code in FLOORS.items():
+        peaks = []
+        for _ in range(runs):
+            status, _, peak = _measured([sys.executable, "-c", code])
+            if status != 0:
+                raise RuntimeError(f"import floor {name!r} exited {status}")
+            peaks.append(peak)
+        floors[name] = statistics.median(peaks)
+    return floors
+
+
 def run_updater(app: Appliance) -> Run:
     with _poller(app) as poller:
         code, seconds, rss = _measured(app.cli_argv("update", "--json"))
@@ -294,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(runs_dir, ignore_errors=True)
 
+    floors = import_floors()
     phases = {k: _stats([r.phases_s.get(k, 0.0) for r in updater]) for k in updater[0].phases_s}
     result = {
         "release": {"files": 20_000, "unpacked_mib": 512, "gz_mib": len(tarball) / 1024**2},
@@ -308,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "updater_peak_rss_mib": _stats([r.peak_rss_mib or 0.0 for r in updater]),
         "goal_rss_mib": RSS_GOAL_MIB,
         "small_release_peak_rss_mib": small[0].peak_rss_mib,
+        "import_floor_rss_mib": floors,
         "api_outage_updater_s": _stats([r.api_outage_s for r in updater]),
         "api_outage_naive_s": _stats([r.api_outage_s for r in naive]),
         "api_outage_restart_s": _stats(restart),
@@ -336,6 +378,8 @@ def report(result: dict[str, Any]) -> str:
             f"updater phases (median s): {phases}",
             f"updater peak RSS     {med('updater_peak_rss_mib'):.1f} MiB (goal <= "
             f"{RSS_GOAL_MIB:g}); tiny release: {result['small_release_peak_rss_mib']:.1f} MiB",
+            "import floor         "
+            + "; ".join(f"{k} {v:.1f} MiB" for k, v in result["import_floor_rss_mib"].items()),
             f"hal0-api down        updater {med('api_outage_updater_s'):.2f} s, naive "
             f"{med('api_outage_naive_s'):.2f} s, restart alone {med('api_outage_restart_s'):.2f} s",
             f"failed slot requests updater {result['slot_failures_updater']} of "
