@@ -308,12 +308,24 @@ def test_https_probe_verifies_the_certificate(https: Server) -> None:
     assert "CERTIFICATE_VERIFY_FAILED" in result.detail
 
 
-def test_http_probe_never_loads_the_ca_bundle(http: Server) -> None:
+def test_http_probe_never_loads_the_ca_bundle(
+    http: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """certifi's bundle costs ~1.9 MiB of RSS; a plain-HTTP probe has no use for it."""
+
+    def refuse() -> ssl.SSLContext:
+        raise AssertionError("an http:// probe built a verifying TLS context")
+
+    monkeypatch.setattr(probes, "_verifying_context", refuse)
     http.routes["/x"] = ok({"status": "ok"})
-    probes._tls_context.cache_clear()
     assert HttpProbe("x", f"{http.base}/x").check(soon()).outcome is PASS
-    assert probes._tls_context.cache_info().misses == 0
+
+
+def test_https_probes_never_share_a_tls_context() -> None:
+    """httpcore mutates a context (its ALPN list) at each TLS connection: concurrent probes
+    sharing one race in C (a reviewer saw a garbage ClientHello)."""
+    url = "https://example.com/health"
+    assert probes._context_for(url) is not probes._context_for(url)
 
 
 def test_the_http_probes_context_trusts_no_certificate(https: Server) -> None:

@@ -313,13 +313,12 @@ class _Answer:
         return value if isinstance(value, dict) else None
 
 
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """httpx's default verification (certifi, no environment), built once per process.
+def _verifying_context() -> ssl.SSLContext:
+    """httpx's default verification (certifi, no environment), a new context for each call.
 
-    Every probe call opens its own client; left to itself each would parse the CA bundle again,
-    and a round of concurrent probes held one copy per thread (about 1 MiB each, measured in the
-    update's peak RSS). An SSLContext may be shared between threads. A race may build two; one wins.
+    Never shared between probe threads: httpcore sets the ALPN protocols on the context before
+    every TLS connection, and CPython frees the old list while another thread's handshake may be
+    copying it (a reviewer's stress test saw a garbage ALPN extension once in ~226k handshakes).
     """
     return httpx.create_ssl_context(trust_env=False)
 
@@ -329,16 +328,17 @@ def _trust_nothing_context() -> ssl.SSLContext:
     """A client context with no trust anchors: every certificate fails its verification.
 
     httpx builds its transport's context up front, even for an ``http://`` URL. An ``http://``
-    probe gets this one instead of certifi's (~1.9 MiB of RSS, and the hal0 probes are plain HTTP
-    on loopback); it never makes a TLS connection (redirects are not followed), and if it ever
-    did, it would fail closed.
+    probe gets this one instead of a verifying one (certifi's bundle is ~1.9 MiB of RSS per copy,
+    and the hal0 probes are plain HTTP on loopback). It is shared, and safe to share: httpcore
+    only touches a context for a TLS connection, which an ``http://`` probe never makes
+    (redirects are not followed); if it ever did, it would fail closed.
     """
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
 def _context_for(url: str) -> ssl.SSLContext:
     https = urllib.parse.urlsplit(url).scheme.lower() == "https"
-    return _tls_context() if https else _trust_nothing_context()
+    return _verifying_context() if https else _trust_nothing_context()
 
 
 def _http_get(url: str, deadline_s: float, cap_s: float) -> _Answer:
