@@ -117,7 +117,7 @@ def expected_record(cycle: str, phase: str) -> tuple[str, str] | None:
         return ("committed", "interrupted by a crash at step commit")
     if cycle == "rollback" or phase == "gate":
         return ("committed", "passed its health gate")  # re-gated, and healthy
-    return ("rolled-back", f"interrupted by a crash at step {phase}")  # swapped back, no blame
+    return ("interrupted", f"interrupted by a crash at step {phase}")  # swapped back, no blame
 
 
 def release_fingerprint(tarball: bytes) -> dict[str, str]:

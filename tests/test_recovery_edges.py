@@ -11,6 +11,7 @@ from tests.kit.channel import ReleaseChannel
 from tests.kit.host import Host
 from watchdog_updater.app import App
 from watchdog_updater.config import load_config
+from watchdog_updater.errors import ExitCode
 from watchdog_updater.journal import Outcome, Step, Transaction
 from watchdog_updater.links import TEMP_LINK_PREFIX, move_to_trash
 from watchdog_updater.storage import atomic_write_json
@@ -86,3 +87,65 @@ def test_recover_with_nothing_open_still_cleans_the_cache(host: Host) -> None:
     (stray / "hal0-1.0.0.tar.gz").write_bytes(b"a trashed cache entry")
     assert updater(host).recover() is None
     assert not stray.exists()
+
+
+def open_update(up: Updater, step: Step, *, reason: str | None = None) -> Transaction:
+    """The intent of the update 1.0.0 -> 1.1.0 as a kill at ``step`` (after the swap) leaves it."""
+    return up.journal.begin(
+        kind="update",
+        from_version="1.0.0",
+        to_version="1.1.0",
+        channel="stable",
+        trigger="cli",
+        step=step,
+        reason=reason,
+        previous_before=None,
+    )
+
+
+def test_an_update_interrupted_after_the_swap_is_undone_as_interrupted(
+    host: Host, channel: ReleaseChannel
+) -> None:
+    """Not a verdict on the release: outcome ``interrupted``, exit 0, nothing quarantined."""
+    channel.publish(channel.release("1.1.0"))
+    assert updater(host).update().outcome is Outcome.COMMITTED  # current -> 1.1.0 on disk
+    open_update(updater(host), Step.RESTART)
+    result = updater(host).recover()
+    assert result is not None
+    assert (result.outcome, result.exit_code, result.action) == (
+        Outcome.INTERRUPTED,
+        ExitCode.OK,
+        "update",
+    )
+    assert result.message.startswith("interrupted by a crash at step restart"), result.message
+    assert host.current() == "1.0.0"
+    assert updater(host).store.quarantine() == {}
+    assert updater(host).journal.history()[-1]["outcome"] == "interrupted"
+
+
+def test_an_undo_interrupted_again_is_still_recorded_as_interrupted(
+    host: Host, channel: ReleaseChannel
+) -> None:
+    channel.publish(channel.release("1.1.0"))
+    assert updater(host).update().outcome is Outcome.COMMITTED
+    # Recovery had begun the undo (its reason recorded), then a second kill at its restart.
+    open_update(
+        updater(host), Step.ROLLBACK_RESTART, reason="interrupted by a crash at step restart"
+    )
+    result = updater(host).recover()
+    assert result is not None and result.outcome is Outcome.INTERRUPTED, result
+    assert host.current() == "1.0.0"
+
+
+def test_a_rollback_interrupted_after_a_failed_gate_keeps_its_verdict(
+    host: Host, channel: ReleaseChannel
+) -> None:
+    channel.publish(channel.release("1.1.0"))
+    assert updater(host).update().outcome is Outcome.COMMITTED
+    open_update(
+        updater(host), Step.ROLLBACK_RESTART, reason="1.1.0 failed its health gate: slot a down"
+    )
+    result = updater(host).recover()
+    assert result is not None
+    assert (result.outcome, result.exit_code) == (Outcome.ROLLED_BACK, ExitCode.ROLLED_BACK)
+    assert host.current() == "1.0.0"

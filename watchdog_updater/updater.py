@@ -334,6 +334,8 @@ class Updater:
         return self._finish_rollback(tx, decision)
 
     def _finish_rollback(self, tx: Transaction, decision: GateDecision | None) -> Result:
+        """Swap back to ``tx.from_version`` and gate it: ``rolled-back``, or ``interrupted`` when
+        what is undone is an interruption (a crash or power cut after the swap), not a verdict."""
         reason = tx.reason or "rollback"
         if tx.from_version is None:
             return self._unhealthy(
@@ -351,16 +353,17 @@ class Updater:
             old = self.run_gate()
         if old.verdict is not Verdict.HEALTHY:
             return self._unhealthy(tx, decision, old, reason)
+        outcome = Outcome.INTERRUPTED if _undoes_interruption(tx) else Outcome.ROLLED_BACK
         entry = self.journal.finish(
             tx,
-            Outcome.ROLLED_BACK,
+            outcome,
             reason,
             {"gate": _decision_json(decision), "rollback_gate": _decision_json(old)},
         )
         self._outcome(entry)
         return Result(
-            "update",
-            Outcome.ROLLED_BACK,
+            tx.kind,
+            outcome,
             reason,
             tx.to_version,
             tx.from_version,
@@ -506,7 +509,7 @@ class Updater:
             )
             return None
         cause = "a power cut or reboot" if tx.boot_id != self.journal.boot_id else "a crash"
-        note = f"interrupted by {cause} at step {tx.step.value}"
+        note = f"{_INTERRUPTED_BY}{cause} at step {tx.step.value}"
         self.report(Event("info", f"recovering transaction {tx.txid}: {note}"))
         if tx.step in (Step.FETCH, Step.STAGE, Step.PROMOTE):
             entry = self.journal.finish(tx, Outcome.ABORTED, f"{note}; nothing was changed")
@@ -641,6 +644,15 @@ class Updater:
 
     def _outcome(self, entry: HistoryEntry) -> None:
         self.report(Event("outcome", entry.reason, entry.to_json()))
+
+
+# The reason recovery gives an interrupted transaction it undoes; a later recovery of that same
+# undo (interrupted again) reads it back to record ``interrupted``, not a verdict.
+_INTERRUPTED_BY = "interrupted by "
+
+
+def _undoes_interruption(tx: Transaction) -> bool:
+    return (tx.reason or "").startswith(_INTERRUPTED_BY)
 
 
 def _parse_or_none(version: str | None) -> Version | None:
