@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.kit.channel import ReleaseChannel
 from tests.kit.host import Host
 from watchdog_updater.app import App
@@ -123,29 +125,23 @@ def test_an_update_interrupted_after_the_swap_is_undone_as_interrupted(
     assert updater(host).journal.history()[-1]["outcome"] == "interrupted"
 
 
-def test_an_undo_interrupted_again_is_still_recorded_as_interrupted(
-    host: Host, channel: ReleaseChannel
+@pytest.mark.parametrize(
+    ("reason", "outcome", "code"),
+    [
+        # Recovery had begun the undo (its reason recorded), then a second kill: still no verdict.
+        ("interrupted by a crash at step restart", Outcome.INTERRUPTED, ExitCode.OK),
+        # The gate had failed and the rollback was under way: the verdict stands.
+        ("1.1.0 failed its health gate: slot a down", Outcome.ROLLED_BACK, ExitCode.ROLLED_BACK),
+    ],
+    ids=["undo-of-an-interruption", "rollback-after-a-verdict"],
+)
+def test_a_rollback_killed_at_its_restart_is_finished_with_its_outcome(
+    host: Host, channel: ReleaseChannel, reason: str, outcome: Outcome, code: ExitCode
 ) -> None:
     channel.publish(channel.release("1.1.0"))
     assert updater(host).update().outcome is Outcome.COMMITTED
-    # Recovery had begun the undo (its reason recorded), then a second kill at its restart.
-    open_update(
-        updater(host), Step.ROLLBACK_RESTART, reason="interrupted by a crash at step restart"
-    )
-    result = updater(host).recover()
-    assert result is not None and result.outcome is Outcome.INTERRUPTED, result
-    assert host.current() == "1.0.0"
-
-
-def test_a_rollback_interrupted_after_a_failed_gate_keeps_its_verdict(
-    host: Host, channel: ReleaseChannel
-) -> None:
-    channel.publish(channel.release("1.1.0"))
-    assert updater(host).update().outcome is Outcome.COMMITTED
-    open_update(
-        updater(host), Step.ROLLBACK_RESTART, reason="1.1.0 failed its health gate: slot a down"
-    )
+    open_update(updater(host), Step.ROLLBACK_RESTART, reason=reason)
     result = updater(host).recover()
     assert result is not None
-    assert (result.outcome, result.exit_code) == (Outcome.ROLLED_BACK, ExitCode.ROLLED_BACK)
+    assert (result.outcome, result.exit_code) == (outcome, code)
     assert host.current() == "1.0.0"
