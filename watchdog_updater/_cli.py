@@ -719,6 +719,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int]] = {
 }
 
 
+_PERMISSION_HINT = "the updater's state and the versions belong to root: run it with sudo"
+_PERMISSION_HINT_ROOT = (
+    "root was refused: look for an immutable file (lsattr), a read-only mount, or a security "
+    "module (AppArmor, SELinux) in the way"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -727,7 +734,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     out = Output(json_mode=getattr(args, "json", False), verbose=getattr(args, "verbose", False))
     try:
-        return COMMANDS[args.command](args, out)
+        try:
+            return COMMANDS[args.command](args, out)
+        except PermissionError as e:  # e.g. a read-only command without access to the state dir
+            raise PermissionRefused(
+                f"permission denied: {e.filename or e.strerror}",
+                hint=_PERMISSION_HINT_ROOT if os.geteuid() == 0 else _PERMISSION_HINT,
+            ) from e
+        except OSError as e:  # outside the transaction's own handling: say what, not a traceback
+            where = f": {e.filename}" if e.filename else ""
+            raise Error(
+                f"{e.strerror or e}{where}",
+                hint="fix the cause (space, permissions, a read-only or missing mount) and "
+                "retry; -v shows the underlying error",
+            ) from e
     except Error as e:
         if out.json_mode:
             sys.stdout.write(
