@@ -252,6 +252,96 @@ def test_each_inflater_refuses_corrupt_and_truncated_gzip(env: Env, inflater: st
     assert_refused(env, env.raw(data[: len(data) // 2]), "corrupt|truncated|archive ends")
 
 
+def fake_isal(env: Env, monkeypatch: pytest.MonkeyPatch, init: str, isal_zlib: str = "") -> None:
+    """Point the inflating child at a python-isal of our own, the way ``_inflater()`` does.
+
+    The child runs isolated (``-I -S``): PYTHONPATH and site-packages never reach it, isal comes
+    only from the directory named in its argv, so that argument is the honest way to give it a
+    broken isal. The child itself runs for real.
+    """
+    package = env.tmp / "fake-isal" / "isal"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(init)
+    if isal_zlib:
+        (package / "isal_zlib.py").write_text(isal_zlib)
+    monkeypatch.setattr(extract, "_inflater", lambda: (str(package.parent),))
+
+
+def assert_install_error(env: Env, tarball: Path, match: str) -> InstallError:
+    """A failure that is not the archive's: InstallError with a one-line message, no trace left."""
+    with pytest.raises(InstallError, match=match) as exc:
+        env.extract(tarball)
+    assert not isinstance(exc.value, UnsafeArchiveError)
+    assert "\n" not in str(exc.value), str(exc.value)
+    assert "publisher" not in (exc.value.hint or "")
+    assert not env.staging.exists()
+    assert read_link_version(env.layout, env.layout.current_link) == "1.0.0"
+    return exc.value
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        'ImportError("libisal.so.2: cannot open shared object file: No such file or directory")',
+        'OSError(2, "No such file or directory", "/usr/lib/libisal.so.2")',
+    ],
+    ids=["ImportError", "OSError"],
+)
+def test_isal_that_does_not_import_falls_back_to_zlib(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], failure: str
+) -> None:
+    # find_spec() finds isal, importing it fails (its libisal removed): slower, still installed.
+    fake_isal(env, monkeypatch, f"raise {failure}\n")
+    data = os.urandom(300_000)
+    env.extract(env.tarball(release(reg(f"{TOP}/big", data))))
+    assert (env.staging / "big").read_bytes() == data
+    assert (env.staging / "app.py").read_bytes() == b"print('hi')\n"
+    assert "inflated by zlib" in capfd.readouterr().err  # the operator can tell why it is slower
+
+
+def test_decompressor_killed_by_a_signal_is_an_install_error(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the OOM killer would: the child dies of SIGKILL, the archive is fine.
+    fake_isal(env, monkeypatch, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    assert_install_error(env, env.tarball(release()), "decompressor .* killed by SIGKILL")
+
+
+def test_decompressor_crash_is_an_install_error(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # isal imports but fails in use: an unexpected exception in the child, not a corrupt stream.
+    broken = (
+        "class error(Exception):\n    pass\n"
+        "MAX_WBITS = 15\n"
+        "def decompressobj(wbits):\n    raise RuntimeError('isal_zlib is broken')\n"
+    )
+    fake_isal(env, monkeypatch, "", broken)
+    error = assert_install_error(env, env.tarball(release()), "decompressor .* failed")
+    assert str(error).endswith(
+        "failed: RuntimeError: isal_zlib is broken (its full output is on stderr)"
+    )
+    assert "Traceback (most recent call last)" in capfd.readouterr().err
+
+
+def test_decompressor_read_error_is_an_install_error(tmp_path: Path) -> None:
+    # The child cannot read the tarball (EBADF here, EIO on a failing disk): an OSError with an
+    # errno is an I/O failure, unlike bz2's bad-data OSError, which has none.
+    path = tmp_path / "release.tar.gz"
+    path.write_bytes(gzip.compress(tar_bytes(release())))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        with (
+            pytest.raises(InstallError, match=r"failed: OSError: \[Errno 9\]") as exc,
+            extract._Stream(fd, "gz", 1 << 20) as stream,
+        ):
+            stream.read(tarfile.BLOCKSIZE)
+    finally:
+        os.close(fd)
+    assert not isinstance(exc.value, UnsafeArchiveError)
+    assert "\n" not in str(exc.value)
+
+
 def test_setuid_bit_stripped(env: Env) -> None:
     env.extract(
         env.tarball(

@@ -43,6 +43,7 @@ import math
 import os
 import posixpath
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -118,7 +119,8 @@ def extract_release(
     promotion is a rename. On any error nothing is left behind: ``staging`` is removed before the
     exception propagates. Raises :class:`UnsafeArchiveError` (hostile or malformed archive),
     :class:`DiskSpaceError` (not enough space or inodes, or ENOSPC/EDQUOT while writing or
-    flushing) and :class:`InstallError` (any other I/O failure).
+    flushing) and :class:`InstallError` (any other I/O failure, or the decompressing child
+    process failing for a reason that is not the archive's).
     """
     top = _top_level_name(version)
     try:
@@ -624,18 +626,26 @@ def _sniff(fd: int, tarball: Path) -> str:
 # Decompression runs in a child interpreter, as ``tar -z`` runs gzip: in a thread it would fight
 # the header checks for the GIL (measured: twice as slow). Self-contained, started isolated and
 # without site-packages; gzip is inflated by ISA-L (python-isal, from the directory named in argv:
-# half the CPU time of zlib here) or by the stdlib's zlib where isal is not installed. Reads the
-# compressed tarball on fd 0, writes the tar stream to fd 1, exits non-zero with a one-line reason
-# on stderr if the stream is corrupt or truncated. Concatenated streams and zero padding between
-# them are accepted (gzip, xz); output is bounded per call (decompression bombs stay small).
+# half the CPU time of zlib here) or by the stdlib's zlib where isal is not installed or does not
+# import (a note on stderr says so). Reads the compressed tarball on fd 0, writes the tar stream to
+# fd 1, exits with _CORRUPT_STATUS and a one-line reason on stderr if the stream is corrupt or
+# truncated; any other failure (a traceback, an I/O error, a signal) is not the archive's fault.
+# Concatenated streams and zero padding between them are accepted (gzip, xz); output is bounded
+# per call (decompression bombs stay small).
+_CORRUPT_STATUS: Final = 3  # CORRUPT in _INFLATE_CHILD; 1 is Python's own status for a crash
 _INFLATE_CHILD: Final = """
 import bz2, lzma, os, sys, zlib
 KIND = sys.argv[1]
+CORRUPT = 3  # _CORRUPT_STATUS in the parent
 ERRORS = (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError)
 if KIND == "gz" and len(sys.argv) > 2:
     sys.path.append(sys.argv[2])
-    from isal import isal_zlib as zlib
-    ERRORS += (zlib.error,)
+    try:
+        from isal import isal_zlib as zlib
+    except Exception as e:  # a removed libisal, a broken install: isal only saves time
+        sys.stderr.write(f"python-isal does not import, gzip is inflated by zlib (slower): {e!r}\\n")
+    else:
+        ERRORS += (zlib.error,)
 IN_CHUNK, OUT_CHUNK = 1 << 17, 1 << 18
 def new():
     if KIND == "gz":
@@ -657,6 +667,9 @@ def feed(d, data):
         while not d.eof and not d.needs_input:
             emit(d.decompress(b"", OUT_CHUNK))
     return d.unused_data if d.eof else b""
+def corrupt(reason):
+    sys.stderr.write(reason + "\\n")
+    sys.exit(CORRUPT)
 def main():
     d, fresh, pending = new(), True, b""
     while True:
@@ -666,7 +679,7 @@ def main():
                 if KIND == "gz" and not fresh and not d.eof:
                     emit(d.flush())
                 if not fresh and not d.eof:
-                    sys.exit("the compressed stream is truncated")
+                    corrupt("the compressed stream is truncated")
                 return
         if d.eof:
             pending = pending.lstrip(b"\\0")
@@ -680,7 +693,9 @@ try:
 except BrokenPipeError:
     sys.exit(0)
 except ERRORS as e:
-    sys.exit(f"{type(e).__name__}: {e}")
+    if isinstance(e, OSError) and e.errno is not None:
+        raise  # reading the tarball or writing the pipe failed (bz2's bad data has no errno)
+    corrupt(f"{type(e).__name__}: {e}")
 """
 
 
@@ -759,9 +774,31 @@ class _Stream:
         if proc is None:
             return
         _, err = proc.communicate()
-        if proc.returncode != 0:
-            reason = err.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+        status = proc.returncode
+        output = err.decode(errors="replace").strip()
+        if status == _CORRUPT_STATUS:  # the child's own verdict on the stream
+            reason = output or f"exit status {status}"
             raise UnsafeArchiveError(f"the {self._kind} stream is corrupt: {reason}")
+        if output:  # the isal fallback's note, or a crash's traceback: for the journal
+            sys.stderr.write(output + "\n")
+        if status < 0:
+            try:
+                name = signal.Signals(-status).name
+            except ValueError:
+                name = f"signal {-status}"
+            raise InstallError(
+                f"the {self._kind} decompressor (a child process) was killed by {name}",
+                hint="not a fault of the release, nothing was installed: the system killed the "
+                "decompressor (out of memory? see the system log); retry",
+            )
+        if status != 0:
+            last = output.splitlines()[-1] if output else f"exit status {status}"
+            more = " (its full output is on stderr)" if "\n" in output else ""
+            raise InstallError(
+                f"the {self._kind} decompressor (a child process) failed: {last}{more}",
+                hint="not a fault of the release, nothing was installed: reading the tarball "
+                "failed, or the Python install (python-isal?) is broken; retry after fixing it",
+            )
 
     def tell(self) -> int:
         return self._base + self._pos
