@@ -59,24 +59,30 @@ class Site:
         (self.host.layout.version_dir(version) / "BROKEN").touch()
 
 
-def test_failed_probation_after_retention_removed_previous_still_finishes(
+def test_retention_keeps_what_an_open_probation_would_restore(
     host: Host, channel: ReleaseChannel, server: ReleaseServer, trusted_root: Path, test_ca: TestCA
 ) -> None:
     site = Site(host, server, trusted_root, test_ca, install={"keep": 2})
     for version in ("1.1.0", "1.2.0"):
         channel.publish(channel.release(version))
         assert site.updater().update().outcome is Outcome.COMMITTED
-    # keep = 2: 1.2.0's commit deleted 1.0.0, the `previous` a probation rollback would restore.
-    assert set(installed_versions(host.layout)) == {"1.1.0", "1.2.0"}
+    # keep = 2, yet 1.0.0 stays: 1.2.0's probation rollback makes it `previous` again.
+    assert set(installed_versions(host.layout)) == {"1.0.0", "1.1.0", "1.2.0"}
     site.break_version("1.2.0")
     result = site.updater().watch_probation()
     assert result is not None and result.outcome is Outcome.ROLLED_BACK, result
-    assert site.link("current") == "1.1.0"
-    assert not (host.layout.lib_dir / "previous").is_symlink()  # no target rather than a wedge
-    assert site.updater().journal.current() is None  # no transaction left open
+    assert (site.link("current"), site.link("previous")) == ("1.1.0", "1.0.0")
     channel.publish(channel.release("1.3.0"))
-    assert site.updater().update().outcome is Outcome.COMMITTED  # updates carry on
-    assert (site.link("current"), site.link("previous")) == ("1.3.0", "1.1.0")
+    assert site.updater().update().outcome is Outcome.COMMITTED
+    store = site.updater().store
+    record = store.probation()
+    assert record is not None and record.previous_before == "1.0.0"
+    store.save_probation(dataclasses.replace(record, until=time.time() + 0.02))  # window ends
+    assert site.updater().watch_probation() is None  # 1.3.0 is healthy: its probation passes
+    channel.publish(channel.release("1.4.0"))
+    assert site.updater().update().outcome is Outcome.COMMITTED
+    # No probation holds 1.0.0 any more: keep = 2 is back (quarantined 1.2.0 goes first).
+    assert set(installed_versions(host.layout)) == {"1.1.0", "1.3.0", "1.4.0"}
 
 
 def test_failed_probation_whose_previous_was_deleted_by_hand_still_finishes(

@@ -275,9 +275,9 @@ class Updater:
 
     def _commit(self, tx: Transaction, decision: GateDecision | None) -> Result:
         tx = self.journal.advance(tx, Step.COMMIT)
-        self._collect_garbage(protect={tx.to_version})
         probation = self.config.health.probation
         if tx.kind == "update" and decision is not None and probation is not None:
+            # Saved before retention runs, which keeps what its rollback would restore.
             self.store.save_probation(
                 Probation(
                     version=tx.to_version,
@@ -288,6 +288,7 @@ class Updater:
                     until=self.clock() + probation.duration_s,
                 )
             )
+        self._collect_garbage(protect={tx.to_version})
         reason = (
             f"{tx.to_version} passed its health gate"
             if decision is not None
@@ -626,6 +627,9 @@ class Updater:
             version = links.read_link_version(self.layout, link)
             if version is not None:
                 protected.add(version)
+        probation = self.store.probation()
+        if probation is not None:  # a probation rollback restores both links: keep their targets
+            protected.update(v for v in (probation.from_version, probation.previous_before) if v)
         quarantine = self.store.quarantine()
         removed = retention.collect_garbage(
             self.layout,
