@@ -628,7 +628,8 @@ class Updater:
             if version is not None:
                 protected.add(version)
         probation = self.store.probation()
-        if probation is not None:  # a probation rollback restores both links: keep their targets
+        if probation is not None and probation.until > self.clock():
+            # A probation rollback restores both links: keep their targets while it may happen.
             protected.update(v for v in (probation.from_version, probation.previous_before) if v)
         quarantine = self.store.quarantine()
         removed = retention.collect_garbage(
