@@ -35,6 +35,15 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="machine-readable output (stable schema)"
     )
     common.add_argument("-v", "--verbose", action="store_true", help="show details of errors")
+    # The same options on the actions of `quarantine` and `config`, accepted on either level: an
+    # action's unset option must not overwrite the group's (`quarantine --json list`).
+    action_common = argparse.ArgumentParser(add_help=False)
+    action_common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="as for the command"
+    )
+    action_common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as for the command"
+    )
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -85,8 +94,8 @@ def _parser() -> argparse.ArgumentParser:
 
     quarantine = sub.add_parser("quarantine", parents=[common], help="versions that failed a gate")
     qsub = quarantine.add_subparsers(dest="action", required=True)
-    qsub.add_parser("list", parents=[common])
-    qclear = qsub.add_parser("clear", parents=[common])
+    qsub.add_parser("list", parents=[action_common])
+    qclear = qsub.add_parser("clear", parents=[action_common])
     qclear.add_argument("version", nargs="?")
 
     sub.add_parser("gate", parents=[common], help="run the health gate against what runs now")
@@ -98,10 +107,12 @@ def _parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", parents=[common], help="show or validate the configuration")
     csub = config.add_subparsers(dest="action", required=True)
-    csub.add_parser("show", parents=[common])
-    csub.add_parser("validate", parents=[common])
+    csub.add_parser("show", parents=[action_common])
+    csub.add_parser("validate", parents=[action_common])
     csub.add_parser(
-        "edit", parents=[common], help="edit in $VISUAL/$EDITOR, validate, replace atomically"
+        "edit",
+        parents=[action_common],
+        help="edit in $VISUAL/$EDITOR, validate, replace atomically",
     )
 
     # --- daemon subcommand (watchdog_updater/daemon.py) ---
@@ -301,6 +312,13 @@ def _cmd_update(args: argparse.Namespace, out: Output) -> int:
     app = _load(args)
     if args.to and not args.rollback:
         raise ConfigError("--to needs --rollback")
+    if args.want and (args.rollback or args.check or args.dry_run):
+        mode = "--rollback" if args.rollback else "--check" if args.check else "--dry-run"
+        raise ConfigError(  # it would be silently ignored
+            f"--version applies to an update, not to {mode}",
+            hint="`update --check` shows what the channel offers; `--rollback --to VERSION` "
+            "returns to a retained version",
+        )
     if args.no_gate and not args.yes:
         raise ConfigError(
             "--no-gate skips the health gate and the automatic rollback",
