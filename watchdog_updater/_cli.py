@@ -440,6 +440,7 @@ def _status_document(app: Any) -> dict[str, Any]:
     store = app.store
     journal = app.journal
     holds = store.holds()
+    paused = holds.paused(time.time())
     memory = store.channel_memory(app.config.channel)
     history = journal.history(limit=1)
     tx = journal.current()
@@ -453,8 +454,9 @@ def _status_document(app: Any) -> dict[str, Any]:
         "last_check": memory.accepted_at if memory else None,
         "transaction": tx.to_json() if tx else None,
         "last": history[-1] if history else None,
-        "paused_until": holds.to_json()["paused_until"],
-        "pause_reason": holds.pause_reason,
+        # A pause that has run out is no pause: reported as none, as the daemon treats it.
+        "paused_until": holds.to_json()["paused_until"] if paused else None,
+        "pause_reason": holds.pause_reason if paused else None,
         "skipped": list(holds.skipped),
         "frozen": holds.frozen_reason,
         "quarantine": {v: e.to_json() for v, e in store.quarantine().items()},
@@ -488,7 +490,7 @@ def _cmd_status(args: argparse.Namespace, out: Output) -> int:
             out.line(f"FROZEN:      {doc['frozen']}")
         if doc["paused_until"] is not None:
             until = doc["paused_until"]
-            until_text = until if isinstance(until, str) else _fmt_time(until)
+            until_text = "resumed" if until == "forever" else _fmt_time(until)
             out.line(f"paused:      until {until_text} {doc['pause_reason'] or ''}")
         for version, entry in doc["quarantine"].items():
             out.line(f"quarantined: {version}: {entry['reason']}")
@@ -543,15 +545,19 @@ def _parse_until(text: str | None, now: float) -> float:
     if text is None:
         return float("inf")
     try:
-        return now + parse_duration(text)
+        until = now + parse_duration(text)
     except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError as e:
+        try:
+            until = datetime.fromisoformat(text).timestamp()
+        except ValueError as e:
+            raise ConfigError(
+                f"--until: expected a duration (2h, 7d) or an ISO time, got {text!r}"
+            ) from e
+    if until <= now:  # a pause that is over before it starts: surely a typo
         raise ConfigError(
-            f"--until: expected a duration (2h, 7d) or an ISO time, got {text!r}"
-        ) from e
+            f"--until {text}: that is not in the future", hint="give a later time or a duration"
+        )
+    return until
 
 
 def _cmd_holds(args: argparse.Namespace, out: Output) -> int:
