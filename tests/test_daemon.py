@@ -341,12 +341,8 @@ def test_busy_lock_skips_the_run_and_retries_at_the_next_check(offline_host: Hos
     assert recovered.is_set()
 
 
-def test_stop_interrupts_probation_which_resumes_later(offline_host: Host) -> None:
-    """A committed version under probation: the daemon watches it; a stop interrupts the watch
-    promptly (should_stop) and the record stays for the next start."""
-    configure_offline(offline_host, health={"probation": {"duration": 120, "interval": 0.2}})
-    plant_plan(offline_host.layout.state_dir, due_in_s=6 * 3600)
-    store = StateStore(offline_host.layout.state_dir)
+def record_probation(store: StateStore) -> float:
+    """Record a 120 s probation window of the installed 1.0.0; return its end."""
     until = time.time() + 120
     store.save_probation(
         Probation(
@@ -358,6 +354,16 @@ def test_stop_interrupts_probation_which_resumes_later(offline_host: Host) -> No
             until=until,
         )
     )
+    return until
+
+
+def test_stop_interrupts_probation_which_resumes_later(offline_host: Host) -> None:
+    """A committed version under probation: the daemon watches it; a stop interrupts the watch
+    promptly (should_stop) and the record stays for the next start."""
+    configure_offline(offline_host, health={"probation": {"duration": 120, "interval": 0.2}})
+    plant_plan(offline_host.layout.state_dir, due_in_s=6 * 3600)
+    store = StateStore(offline_host.layout.state_dir)
+    until = record_probation(store)
     daemon, notify = in_process(offline_host, watchdog_usec=None)
     with Running(daemon, notify) as running:
         wait_until(
@@ -376,6 +382,25 @@ def test_stop_interrupts_probation_which_resumes_later(offline_host: Host) -> No
     assert notify.since(0, "STOPPING=1")
     record = store.probation()
     assert record is not None and record.until == until  # resumed at the next start
+
+
+def test_a_probation_recorded_by_the_command_line_is_watched(offline_host: Host) -> None:
+    """`watchdog-updater update` (without --probation) commits and records the window; the
+    running daemon notices the new record at its next pass (here: a 1 s watchdog) and watches."""
+    configure_offline(offline_host, health={"probation": {"duration": 120, "interval": 0.2}})
+    plant_plan(offline_host.layout.state_dir, due_in_s=6 * 3600)
+    daemon, notify = in_process(offline_host, watchdog_usec=1_000_000)
+    with Running(daemon, notify):
+        notify.wait_for("READY=1")
+        time.sleep(0.7)  # idle a pass or two: nothing to watch yet
+        assert daemon.stats.jobs == {"recover": 1}
+        record_probation(StateStore(offline_host.layout.state_dir))  # as the CLI's commit does
+        wait_until(
+            "the command line's probation being watched",
+            lambda: "watching probation: 1.0.0 until" in notify.status(),
+            5,
+            lambda: str(notify.messages),
+        )
 
 
 # --------------------------------------------------------------------------- real systemd

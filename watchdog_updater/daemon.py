@@ -470,6 +470,7 @@ class Daemon:
         self._last_check_at: float | None = None
         self._retry: set[str] = set()  # job kinds to retry at the next check (lock was busy)
         self._probation_pending = False
+        self._probation_stamp: tuple[int, int] | None = None  # the record last watched
         self._last = ""  # the last job's result, for STATUS
         self._status_sent = ""
         self._saved: dict[str, Any] | None = None
@@ -616,7 +617,7 @@ class Daemon:
     # ----------------------------------------------------------------------- choosing work
     def _maybe_start_job(self) -> None:
         now = self._now()
-        if self._probation_pending:
+        if self._probation_pending or self._new_probation_record():
             self._probation_pending = False
             if self._start_probation():
                 return
@@ -643,9 +644,19 @@ class Daemon:
                 log.info("the busy scheduled update is not retried: outside the window")
             self._start_job("check")
 
+    def _new_probation_record(self) -> bool:
+        """A probation record the daemon has not watched yet: a commit by ``watchdog-updater
+        update`` from the command line (checked at each pass of the main loop, by one stat)."""
+        try:
+            stamp = self.app.store.probation_stamp()
+        except OSError:
+            return False  # _start_probation reports an unreadable record when it next looks
+        return stamp is not None and stamp != self._probation_stamp
+
     def _start_probation(self) -> bool:
         """Watch a recorded probation window (after a commit, or left by a stopped daemon)."""
         try:
+            self._probation_stamp = self.app.store.probation_stamp()
             probation = self.app.store.probation()
         except (OSError, ValueError, TypeError) as e:
             _error("cannot read the probation record: %s", e)

@@ -151,6 +151,15 @@ class StateStore:
     def clear_probation(self) -> None:
         self._probation_path.unlink(missing_ok=True)
 
+    def probation_stamp(self) -> tuple[int, int] | None:
+        """Which probation record is on disk (inode, mtime), None when there is none: each save
+        is an atomic replace, so a record written by another process shows as a new stamp."""
+        try:
+            st = self._probation_path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
     # channel memory -------------------------------------------------------------------------
     def _channel_path(self, channel: str) -> Path:
         return self.state_dir / "channels" / f"{channel}.json"
