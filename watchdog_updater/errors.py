@@ -22,7 +22,6 @@ __all__ = [
     "HookError",
     "InstallError",
     "ManifestError",
-    "NoReleaseError",
     "PermissionRefused",
     "RemoteDataError",
     "ServiceError",
@@ -93,10 +92,6 @@ class ManifestError(RemoteDataError):
 
 class FreshnessError(RemoteDataError):
     """A verified manifest is older than one already accepted, expired, or a downgrade."""
-
-
-class NoReleaseError(RemoteDataError):
-    """The channel offers nothing this host may install (revoked, quarantined, too young...)."""
 
 
 class SizeLimitError(RemoteDataError):
