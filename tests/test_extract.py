@@ -7,6 +7,7 @@ escape attempt), and ``current`` still on the installed version.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -16,13 +17,14 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from watchdog_updater import extract
+from watchdog_updater import extract, storage
 from watchdog_updater.errors import DiskSpaceError, InstallError, UnsafeArchiveError
 from watchdog_updater.extract import ExtractLimits, clean_staging, extract_release, remove_tree
 from watchdog_updater.layout import Layout
@@ -739,3 +741,35 @@ def test_remove_tree_fixes_read_only_dirs() -> None:
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         remove_tree(base)
+
+
+def test_a_writeback_error_only_the_background_flush_saw_fails_the_install(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: the final syncfs may report success after the helper consumed the error.
+    (A stand-in flush fails with EIO: a failing disk cannot be provoked here.)"""
+
+    class FailedFlush(storage.BackgroundFlush):
+        def __enter__(self) -> storage.BackgroundFlush:
+            def eio(fd: int) -> None:
+                raise OSError(errno.EIO, "syncfs: Input/output error")
+
+            self._flush = eio
+            self._every_s = 0.0
+            super().__enter__()
+            self._thread.join(10)  # the failed flush has happened: deterministic
+            return self
+
+    monkeypatch.setattr(extract, "BackgroundFlush", FailedFlush)
+    with pytest.raises(InstallError, match="Input/output error"):
+        env.extract(env.tarball(release()))
+    assert not env.staging.exists()
+    assert read_link_version(env.layout, env.layout.current_link) == "1.0.0"
+
+
+def test_no_flush_thread_outlives_an_extraction(env: Env) -> None:
+    env.extract(env.tarball(release()))
+    remove_tree(env.staging)
+    with pytest.raises(UnsafeArchiveError):
+        env.extract(env.tarball(release(reg("../escape"))))
+    assert [t for t in threading.enumerate() if t.name == "background-flush"] == []

@@ -19,7 +19,8 @@ full decompression, about a third of the 1.2x-of-``tar -xzf``-plus-``sync`` budg
 - decompression runs in a child interpreter piped to us (as ``tar -z`` runs gzip), overlapping
   with header checks and writes; file data is written straight from the pipe buffers;
 - one ``syncfs(2)`` flushes the staging filesystem (``sync(2)`` where unavailable) instead of a
-  per-file fsync.
+  per-file fsync; while the tree is written, a helper thread already flushes it every
+  :data:`FLUSH_EVERY_S`, so that final flush finds little left to write.
 
 Rules (each violation: :class:`UnsafeArchiveError` naming the member and the rule; the staging
 dir is removed): exactly one top-level ``hal0-<version>/`` dir matching the expected version,
@@ -56,7 +57,7 @@ from typing import Final, NoReturn
 
 from watchdog_updater.errors import DiskSpaceError, InstallError, UnsafeArchiveError
 from watchdog_updater.layout import STAGING_PREFIX, TRASH_PREFIX, VERSION_DIR_PREFIX, Layout
-from watchdog_updater.storage import syncfs
+from watchdog_updater.storage import BackgroundFlush, syncfs
 
 __all__ = [
     "ExtractLimits",
@@ -70,6 +71,9 @@ _PIECE: Final = 1 << 18  # bytes per read(2) of the tar stream
 _PIPE_SIZE: Final = 1 << 20  # a larger pipe between the inflating child and us
 _MAX_HEADER_READ: Final = 1 << 20  # a PAX / GNU long-name record larger than this is refused
 _MAX_TRAILER: Final = 1 << 20  # zero padding accepted after the end-of-archive marker
+# Writeback starts while the tree is still being written (storage.BackgroundFlush); measured on
+# a 512 MiB / 20,000-file release: 0.25-1 s all faster than one flush at the end, 0.5 s kept.
+FLUSH_EVERY_S: Final = 0.5
 _PER_ENTRY_OVERHEAD: Final = 4096  # header + PAX record + padding, for the stream-length backstop
 _MAX_SYMLINK_HOPS: Final = 40  # as the kernel's MAXSYMLINKS
 _NAME_MAX: Final = 255
@@ -217,18 +221,20 @@ def _extract(
         raise _install_error(e, f"cannot open staging dir {staging}") from e
     try:
         writer = _Writer(root, limits.max_unpacked_bytes)
-        with _Stream(fd, kind, cap) as stream:
-            for member in _members(stream):
-                entry = checker.add(member)
-                if not short:
-                    short = not space.fits(checker, limits)
-                if not short:
-                    writer.write(entry, member, stream)
-        checker.finish()
-        if short:
-            raise space.shortfall(staging.parent, checker, limits)
-        writer.finish(checker.dirs)
+        with BackgroundFlush(root, FLUSH_EVERY_S) as flusher:
+            with _Stream(fd, kind, cap) as stream:
+                for member in _members(stream):
+                    entry = checker.add(member)
+                    if not short:
+                        short = not space.fits(checker, limits)
+                    if not short:
+                        writer.write(entry, member, stream)
+            checker.finish()
+            if short:
+                raise space.shortfall(staging.parent, checker, limits)
+            writer.finish(checker.dirs)
         syncfs(root)
+        flusher.raise_error()
     except OSError as e:
         raise _install_error(e, f"unpacking into {staging} failed") from e
     finally:
