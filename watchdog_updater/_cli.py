@@ -1,5 +1,6 @@
-"""The command line: argument parsing, rendering and exit codes. The only module that reads the
-environment. One ``except Error`` at the top prints diagnostics and picks the exit code."""
+"""The command line: argument parsing, rendering and exit codes. The only module that reads
+environment variables itself (child processes inherit them). One ``except Error`` at the top prints
+diagnostics and picks the exit code; an OSError outside the updater's own handling becomes one."""
 
 from __future__ import annotations
 

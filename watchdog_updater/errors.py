@@ -91,7 +91,7 @@ class ManifestError(RemoteDataError):
 
 
 class FreshnessError(RemoteDataError):
-    """A verified manifest is older than one already accepted, expired, or a downgrade."""
+    """A verified manifest is older than one already accepted, or expired (a replay or a freeze)."""
 
 
 class SizeLimitError(RemoteDataError):
