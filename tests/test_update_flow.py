@@ -10,6 +10,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import reconfigure
 from tests.kit.channel import ReleaseChannel, simple_release_tarball
 from tests.kit.host import Host
@@ -269,16 +271,39 @@ def test_status_json_schema(host: Host) -> None:
     assert doc["installed"] == "1.0.0" and doc["retained"] == ["1.0.0"]
 
 
+@pytest.mark.parametrize(
+    ("probation_s", "retained"),
+    [
+        (0, ["1.2.0", "1.3.0"]),
+        # The default 10 min probation window is still open: its rollback would restore 1.2.0
+        # as current and 1.1.0 as previous, so 1.1.0 stays too until the window closes.
+        (600, ["1.1.0", "1.2.0", "1.3.0"]),
+    ],
+    ids=["no-probation", "probation-open"],
+)
 def test_retention_keeps_current_previous_and_newest(
-    host: Host, channel: ReleaseChannel, server: ReleaseServer, trusted_root: Path, test_ca: TestCA
+    host: Host,
+    channel: ReleaseChannel,
+    server: ReleaseServer,
+    trusted_root: Path,
+    test_ca: TestCA,
+    probation_s: int,
+    retained: list[str],
 ) -> None:
-    reconfigure(host, server, trusted_root, test_ca, install={"keep": 2})
+    reconfigure(
+        host,
+        server,
+        trusted_root,
+        test_ca,
+        install={"keep": 2},
+        health={"probation": {"duration": probation_s}},
+    )
     for version in ("1.1.0", "1.2.0", "1.3.0"):
         channel.publish(channel.release(version))
         assert host.cli("update").returncode == 0
     _code, doc = host.cli_json("status")
     assert doc["installed"] == "1.3.0" and doc["previous"] == "1.2.0"
-    assert sorted(doc["retained"]) == ["1.2.0", "1.3.0"]
+    assert sorted(doc["retained"]) == retained
     assert not (host.layout.cache_dir / "1.0.0").exists()
     assert (host.layout.cache_dir / "1.3.0" / "hal0-1.3.0.tar.gz").exists()
 
