@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -751,6 +752,20 @@ _PERMISSION_HINT_ROOT = (
 )
 
 
+def _os_error(e: OSError) -> Error:
+    if isinstance(e, PermissionError):  # e.g. a read-only command without access to the state dir
+        return PermissionRefused(
+            f"permission denied: {e.filename or e.strerror}",
+            hint=_PERMISSION_HINT_ROOT if os.geteuid() == 0 else _PERMISSION_HINT,
+        )
+    where = f": {e.filename}" if e.filename else ""
+    return Error(
+        f"{e.strerror or e}{where}",
+        hint="fix the cause (space, permissions, a read-only or missing mount) and retry; -v "
+        "shows the underlying error",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -761,18 +776,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             return COMMANDS[args.command](args, out)
-        except PermissionError as e:  # e.g. a read-only command without access to the state dir
-            raise PermissionRefused(
-                f"permission denied: {e.filename or e.strerror}",
-                hint=_PERMISSION_HINT_ROOT if os.geteuid() == 0 else _PERMISSION_HINT,
-            ) from e
-        except OSError as e:  # outside the transaction's own handling: say what, not a traceback
-            where = f": {e.filename}" if e.filename else ""
-            raise Error(
-                f"{e.strerror or e}{where}",
-                hint="fix the cause (space, permissions, a read-only or missing mount) and "
-                "retry; -v shows the underlying error",
-            ) from e
+        except OSError as e:  # outside the updater's own handling: say what, not a traceback
+            if out.verbose or args.command == "daemon":  # where it came from: for the journal
+                traceback.print_exc()
+            raise _os_error(e) from e
     except Error as e:
         if out.json_mode:
             sys.stdout.write(
