@@ -24,15 +24,23 @@ def updater(host: Host) -> Updater:
     return App.create(host.root, load_config(host.config_path, missing_ok=False)).updater()
 
 
-def open_commit(up: Updater, from_version: str, to_version: str) -> Transaction:
-    """An intent record at the commit step, as a kill there leaves it."""
+def open_update(
+    up: Updater,
+    step: Step,
+    from_version: str = "1.0.0",
+    to_version: str = "1.1.0",
+    *,
+    reason: str | None = None,
+) -> Transaction:
+    """The intent record of an update as a kill at ``step`` leaves it."""
     return up.journal.begin(
         kind="update",
         from_version=from_version,
         to_version=to_version,
         channel="stable",
         trigger="cli",
-        step=Step.COMMIT,
+        step=step,
+        reason=reason,
     )
 
 
@@ -52,7 +60,7 @@ def test_killed_between_recording_the_outcome_and_dropping_the_intent(
     assert up.update().outcome is Outcome.COMMITTED
     entry = up.journal.history()[-1]
     # Journal.finish appended the line, then the kill: the intent record is still there.
-    tx = open_commit(up, "1.0.0", "1.1.0")
+    tx = open_update(up, Step.COMMIT)
     doc = json.loads(up.journal.intent_path.read_text())
     atomic_write_json(up.journal.intent_path, {**doc, "txid": entry["txid"]})
     assert updater(host).recover() is None
@@ -72,7 +80,7 @@ def test_leftovers_of_an_interrupted_commit_are_removed(
     # Killed inside retention at the commit step of a later update: a version dir and its cache
     # entry renamed to trash, and a temporary link from a swap.
     up = updater(host)
-    open_commit(up, "1.1.0", "1.2.0")
+    open_update(up, Step.COMMIT, "1.1.0", "1.2.0")
     move_to_trash(layout.version_dir("1.0.0"))
     move_to_trash(layout.cache_dir / "1.1.0")
     (layout.lib_dir / f"{TEMP_LINK_PREFIX}current-0123456789ab").symlink_to("hal0-1.2.0")
@@ -89,20 +97,6 @@ def test_recover_with_nothing_open_still_cleans_the_cache(host: Host) -> None:
     (stray / "hal0-1.0.0.tar.gz").write_bytes(b"a trashed cache entry")
     assert updater(host).recover() is None
     assert not stray.exists()
-
-
-def open_update(up: Updater, step: Step, *, reason: str | None = None) -> Transaction:
-    """The intent of the update 1.0.0 -> 1.1.0 as a kill at ``step`` (after the swap) leaves it."""
-    return up.journal.begin(
-        kind="update",
-        from_version="1.0.0",
-        to_version="1.1.0",
-        channel="stable",
-        trigger="cli",
-        step=step,
-        reason=reason,
-        previous_before=None,
-    )
 
 
 def test_an_update_interrupted_after_the_swap_is_undone_as_interrupted(
